@@ -1,0 +1,155 @@
+//! Storage: one sqlx pool per service, PostgreSQL in production and a SQLite
+//! file as the embedded default.
+//!
+//! Migrations and repositories write portable SQL against [`sqlx::AnyPool`] (`$n`
+//! placeholders, `ON CONFLICT`, `RETURNING`), so one implementation serves
+//! both backends and both pass the same tests. Each service owns a schema: on
+//! PostgreSQL a schema of its own named after the service (set as the
+//! connection's `search_path`), on SQLite a file of its own.
+
+use std::{path::Path, time::Duration};
+
+use sqlx::{
+    AnyPool, Executor,
+    any::{AnyPoolOptions, install_default_drivers},
+    migrate::{MigrateError, Migrator},
+};
+
+use crate::config::PlatformConfig;
+
+/// Which database a pool talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the {schema} database: {source}")]
+    Connect {
+        schema: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] MigrateError),
+}
+
+/// A service's connection pool.
+#[derive(Clone, Debug)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Database {
+    /// Opens the store for `schema` (a service name: lower-case ASCII letters
+    /// and underscores) as the configuration says.
+    pub async fn connect(
+        config: &PlatformConfig,
+        schema: &'static str,
+    ) -> Result<Self, StoreError> {
+        assert!(
+            !schema.is_empty() && schema.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+            "schema names are fixed identifiers"
+        );
+        install_default_drivers();
+        let connect_err = |source| StoreError::Connect { schema, source };
+        let options = AnyPoolOptions::new()
+            .max_connections(config.database_max_connections)
+            .acquire_timeout(Duration::from_secs(5));
+
+        match &config.database_url {
+            Some(url) => {
+                let setup = AnyPoolOptions::new()
+                    .max_connections(1)
+                    .connect(url)
+                    .await
+                    .map_err(connect_err)?;
+                create_schema(&setup, schema).await.map_err(connect_err)?;
+                setup.close().await;
+                let search_path = format!("SET search_path TO {schema}");
+                let pool = options
+                    .after_connect(move |conn, _| {
+                        let search_path = search_path.clone();
+                        Box::pin(async move { conn.execute(search_path.as_str()).await.map(drop) })
+                    })
+                    .connect(url)
+                    .await
+                    .map_err(connect_err)?;
+                Ok(Self {
+                    pool,
+                    backend: Backend::Postgres,
+                })
+            }
+            None => {
+                let dir = &config.data_dir;
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+                let pool = options
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // WAL lets readers run beside the writer; the busy
+                            // timeout makes writers queue instead of failing.
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                 PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                            )
+                            .await
+                            .map(drop)
+                        })
+                    })
+                    .connect(&sqlite_url(&dir.join(format!("{schema}.db"))))
+                    .await
+                    .map_err(connect_err)?;
+                Ok(Self {
+                    pool,
+                    backend: Backend::Sqlite,
+                })
+            }
+        }
+    }
+
+    /// Applies the migrations that have not run yet. Migrations are written
+    /// in the SQL both backends share.
+    pub async fn migrate(&self, migrator: &Migrator) -> Result<(), StoreError> {
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn create_schema(pool: &AnyPool, schema: &str) -> Result<(), sqlx::Error> {
+    match pool
+        .execute(format!("CREATE SCHEMA IF NOT EXISTS {schema}").as_str())
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Two replicas starting together can both miss the schema; the loser
+        // of that race sees a unique violation and the schema exists.
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}

@@ -1,0 +1,13 @@
+//! What every flashmesh service shares, written once: typed configuration,
+//! storage, Redis adapters, the gRPC server with its tower layers, the mapping
+//! from domain errors to gRPC statuses, and caller identity.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod grpc;
+pub mod identity;
+pub mod limits;
+pub mod redis;
+pub mod runtime;
+pub mod time;

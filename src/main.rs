@@ -1,0 +1,192 @@
+//! `flashmesh`: one binary for every service.
+//!
+//! `flashmesh up` runs the whole stack in one process (each service on its own
+//! loopback port, talking real gRPC); `flashmesh auth` runs one service alone,
+//! as a Kubernetes Deployment does.
+
+use std::io::{BufRead, IsTerminal};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use flashmesh_auth::{AuthApp, config::AuthConfig};
+use flashmesh_platform::{
+    config::{Env, PlatformConfig},
+    identity::Role,
+    redis::RedisHandle,
+    runtime::{init_logging, shutdown_on_signal},
+};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "flashmesh",
+    version,
+    about = "Flash-sale microservices over gRPC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service in this process, each on its own port.
+    Up,
+    /// Run the auth service alone.
+    Auth,
+    /// Apply every service's database migrations, then exit.
+    Migrate,
+    /// Create an admin, or promote an existing user. The password is read
+    /// from standard input, never from the command line.
+    Admin {
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "")]
+        display_name: String,
+    },
+    /// Manage the generated token signing keys (embedded mode).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make the current key the previous one and generate a new current key.
+    /// Restart the auth service to start signing with it.
+    Rotate,
+}
+
+/// Configuration of the whole process, read once.
+struct Settings {
+    platform: PlatformConfig,
+    auth: AuthConfig,
+}
+
+impl Settings {
+    fn from_env() -> anyhow::Result<Self> {
+        let env = Env::from_process();
+        let platform = PlatformConfig::from_env(&env)?;
+        let auth = AuthConfig::from_env(&env, &platform.data_dir)?;
+        Ok(Self { platform, auth })
+    }
+
+    async fn redis(&self) -> anyhow::Result<Option<RedisHandle>> {
+        match &self.platform.redis_url {
+            Some(url) => Ok(Some(
+                RedisHandle::connect(url, &self.platform.redis_key_prefix).await?,
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let cli = Cli::parse();
+    let settings = Settings::from_env()?;
+    match cli.command {
+        Command::Up => up(settings).await,
+        Command::Auth => auth(settings).await,
+        Command::Migrate => {
+            // Building a service runs its migrations.
+            AuthApp::build(&settings.platform, settings.auth, None).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Admin {
+            email,
+            display_name,
+        } => admin(settings, &email, &display_name).await,
+        Command::Keys {
+            command: KeysCommand::Rotate,
+        } => {
+            let flashmesh_auth::config::KeyLocation::Generated { dir } = &settings.auth.keys else {
+                bail!(
+                    "FLASHMESH_JWT_SIGNING_KEY_FILE is set: rotate by deploying a new key file \
+                     and moving the old one to FLASHMESH_JWT_PREVIOUS_KEY_FILE"
+                );
+            };
+            let kid = flashmesh_auth::keys::rotate(dir)?;
+            println!("new signing key {kid}; restart the auth service to use it");
+            Ok(())
+        }
+    }
+}
+
+async fn up(settings: Settings) -> anyhow::Result<()> {
+    let redis = settings.redis().await?;
+    let listener = bind(settings.auth.listen_addr, "FLASHMESH_AUTH_ADDR").await?;
+    let auth_addr = listener.local_addr()?;
+    let app = AuthApp::build(&settings.platform, settings.auth, redis.as_ref()).await?;
+
+    let store = settings.platform.database_url.as_deref().map_or_else(
+        || format!("SQLite under {}", settings.platform.data_dir.display()),
+        |_| "PostgreSQL (DATABASE_URL)".to_owned(),
+    );
+    println!(
+        "flashmesh is up ({store}; {})",
+        if redis.is_some() {
+            "Redis"
+        } else {
+            "in-process cache and limits"
+        }
+    );
+    println!("  auth     grpc://{auth_addr}");
+    println!();
+    println!("Try:");
+    println!("  grpcurl -plaintext {auth_addr} list");
+    println!(
+        "  grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
+         {auth_addr} flashmesh.auth.v1.AuthService/SignUp"
+    );
+
+    app.serve(listener, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+async fn auth(settings: Settings) -> anyhow::Result<()> {
+    let redis = settings.redis().await?;
+    let listener = bind(settings.auth.listen_addr, "FLASHMESH_AUTH_ADDR").await?;
+    tracing::info!(addr = %listener.local_addr()?, "auth service listening");
+    let app = AuthApp::build(&settings.platform, settings.auth, redis.as_ref()).await?;
+    app.serve(listener, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+async fn admin(settings: Settings, email: &str, display_name: &str) -> anyhow::Result<()> {
+    let redis = settings.redis().await?;
+    let app = AuthApp::build(&settings.platform, settings.auth, redis.as_ref()).await?;
+    if app.service.promote_to_admin(email).await? {
+        println!("{email} is now an admin");
+        return Ok(());
+    }
+    let password = read_password()?;
+    let user = app
+        .service
+        .create_user(email, &password, display_name, Role::Admin)
+        .await?;
+    println!("created admin {} ({})", user.email, user.id);
+    Ok(())
+}
+
+fn read_password() -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        return rpassword::prompt_password("password for the new admin: ")
+            .context("cannot read the password");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+async fn bind(addr: std::net::SocketAddr, var: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({var})"))
+}
