@@ -1,0 +1,324 @@
+//! Test helpers: spawn real services on random loopback ports over real
+//! storage, and talk to them as clients would.
+//!
+//! Two backends: `Embedded` (a SQLite file in a temp dir, in-process limits)
+//! and `Postgres` (a fresh PostgreSQL database per test plus Redis under a
+//! per-test key prefix). PostgreSQL and Redis come from `DATABASE_URL` and
+//! `REDIS_URL`, defaulting to the local servers; when they are unreachable the
+//! test fails, it never skips.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::{net::SocketAddr, path::PathBuf, process::Command, sync::OnceLock};
+
+use flashmesh_auth::{AuthApp, config::AuthConfig};
+use flashmesh_platform::{
+    config::{Env, PlatformConfig},
+    redis::RedisHandle,
+};
+use flashmesh_proto::auth::v1::{
+    LoginRequest, SignUpRequest, TokenPair, auth_service_client::AuthServiceClient,
+};
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, transport::Channel};
+use tonic_types::StatusExt;
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Postgres,
+}
+
+/// Generates one `#[tokio::test]` per backend for each `async fn(Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Embedded).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// A PostgreSQL database that exists for one test.
+pub struct TestDatabase {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin_url =
+            std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
+        let name = format!("flashmesh_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL is unreachable at {admin_url} (DATABASE_URL): {e}")
+        });
+        admin
+            .execute(format!(r#"CREATE DATABASE "{name}""#).as_str())
+            .await
+            .expect("create the test database");
+        let mut url = url::Url::parse(&admin_url).expect("DATABASE_URL is a URL");
+        url.set_path(&name);
+        Self {
+            url: url.to_string(),
+            admin_url,
+            name,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside async context; a short-lived runtime on its own
+        // thread does the cleanup.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                    let _ = admin
+                        .execute(
+                            format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str(),
+                        )
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned())
+}
+
+/// The configuration a test stack runs with: cheap argon2 so tests are fast,
+/// a temp data dir, and for `Postgres` a fresh database and Redis prefix.
+pub struct StackEnv {
+    pub backend: Backend,
+    pub env: Env,
+    pub data_dir: tempfile::TempDir,
+    pub database: Option<TestDatabase>,
+}
+
+impl StackEnv {
+    pub async fn new(backend: Backend) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut env = Env::from_pairs([
+            ("FLASHMESH_DATA_DIR", data_dir.path().display().to_string()),
+            ("FLASHMESH_ARGON2_MEMORY_KIB", "256".to_owned()),
+            ("FLASHMESH_ARGON2_ITERATIONS", "1".to_owned()),
+            ("DATABASE_MAX_CONNECTIONS", "5".to_owned()),
+        ]);
+        let database = match backend {
+            Backend::Embedded => None,
+            Backend::Postgres => {
+                let database = TestDatabase::create().await;
+                env.set("DATABASE_URL", &database.url);
+                env.set("REDIS_URL", redis_url());
+                env.set(
+                    "FLASHMESH_REDIS_KEY_PREFIX",
+                    format!("flashmesh-test:{}:", uuid::Uuid::new_v4().simple()),
+                );
+                Some(database)
+            }
+        };
+        Self {
+            backend,
+            env,
+            data_dir,
+            database,
+        }
+    }
+
+    pub fn set(&mut self, var: &str, value: impl Into<String>) -> &mut Self {
+        self.env.set(var, value);
+        self
+    }
+
+    pub fn key_dir(&self) -> PathBuf {
+        self.data_dir.path().join("auth-keys")
+    }
+
+    /// Builds and starts the auth service on a random port.
+    pub async fn start_auth(&self) -> RunningService {
+        let platform = PlatformConfig::from_env(&self.env).expect("platform config");
+        let config = AuthConfig::from_env(&self.env, &platform.data_dir).expect("auth config");
+        let redis = match &platform.redis_url {
+            Some(url) => Some(
+                RedisHandle::connect(url, &platform.redis_key_prefix)
+                    .await
+                    .unwrap_or_else(|e| panic!("Redis is unreachable at {url} (REDIS_URL): {e}")),
+            ),
+            None => None,
+        };
+        let app = AuthApp::build(&platform, config, redis.as_ref())
+            .await
+            .expect("auth service starts");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(app.serve(listener, shutdown.clone()));
+        RunningService {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+}
+
+/// A service serving on a loopback port; stopped when dropped.
+pub struct RunningService {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), flashmesh_platform::grpc::ServeError>>>,
+}
+
+impl RunningService {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn auth_client(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(self.channel().await)
+    }
+
+    /// Shuts down gracefully and waits for the server to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server stopped cleanly");
+        }
+    }
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A unique email for this test.
+pub fn unique_email() -> String {
+    format!("user-{}@example.com", uuid::Uuid::new_v4().simple())
+}
+
+pub const PASSWORD: &str = "correct horse battery";
+
+/// Signs up a fresh user and returns its email and tokens.
+pub async fn sign_up(client: &mut AuthServiceClient<Channel>) -> (String, TokenPair) {
+    let email = unique_email();
+    let response = client
+        .sign_up(SignUpRequest {
+            email: email.clone(),
+            password: PASSWORD.into(),
+            display_name: String::new(),
+        })
+        .await
+        .expect("sign up")
+        .into_inner();
+    (email, response.tokens.expect("tokens"))
+}
+
+pub async fn login(
+    client: &mut AuthServiceClient<Channel>,
+    email: &str,
+    password: &str,
+) -> Result<TokenPair, Status> {
+    let response = client
+        .login(LoginRequest {
+            email: email.into(),
+            password: password.into(),
+        })
+        .await?;
+    Ok(response.into_inner().tokens.expect("tokens"))
+}
+
+/// `request` with `authorization: Bearer <token>`.
+pub fn with_bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    request
+}
+
+/// The `google.rpc.ErrorInfo` reason of a status (empty when absent).
+pub fn reason(status: &Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
+}
+
+/// The fields named by a status's `google.rpc.BadRequest`.
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|bad| {
+            bad.field_violations
+                .iter()
+                .map(|v| v.field.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pinned outside clients (buf, grpcurl, grpcio), installed once per test
+/// binary by `scripts/tools`. Returns the directory holding them.
+pub fn tools() -> &'static PathBuf {
+    static TOOLS: OnceLock<PathBuf> = OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let script = repo_root().join("scripts/tools");
+        let output = Command::new("bash")
+            .arg(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            output.status.success(),
+            "scripts/tools failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    })
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
