@@ -159,6 +159,11 @@ impl StackEnv {
         self
     }
 
+    /// The configuration as environment variables, for a child process.
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.env.vars()
+    }
+
     pub fn key_dir(&self) -> PathBuf {
         self.data_dir.path().join("auth-keys")
     }

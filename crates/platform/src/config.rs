@@ -50,6 +50,11 @@ impl Env {
         self.vars.insert(var.into(), value.into());
     }
 
+    /// Every variable, e.g. to hand to a child process.
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// The raw value; empty counts as unset.
     pub fn raw(&self, var: &str) -> Option<&str> {
         self.vars

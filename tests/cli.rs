@@ -1,0 +1,325 @@
+//! The `flashmesh` binary as users run it, driven by the clients they use:
+//! grpcurl, a Python grpcio client, buf.
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use common::{Backend, StackEnv, repo_root, tools};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_flashmesh");
+
+on_both_backends!(
+    up_serves_auth_to_grpcurl,
+    python_client_uses_the_contracts,
+    admin_command_creates_and_promotes_admins,
+);
+
+/// `flashmesh <args>` with the test stack's configuration and nothing
+/// inherited that could point it elsewhere.
+fn flashmesh(stack: &StackEnv, args: &[&str]) -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env("RUST_LOG", "warn")
+        .env("FLASHMESH_AUTH_ADDR", "127.0.0.1:0")
+        .envs(stack.vars())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// `flashmesh up`, running until dropped or stopped.
+struct Stack {
+    child: Child,
+    auth_addr: String,
+}
+
+impl Stack {
+    async fn up(stack: &StackEnv) -> Self {
+        let mut child = flashmesh(stack, &["up"]).spawn().expect("spawn flashmesh up");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let auth_addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(addr) = line.trim().strip_prefix("auth     grpc://") {
+                    return addr.to_owned();
+                }
+            }
+            panic!("flashmesh up exited without printing the auth address");
+        })
+        .await
+        .expect("flashmesh up starts within 30 s");
+        Self { child, auth_addr }
+    }
+
+    /// SIGTERM, then the exit status must be success (a graceful drain).
+    async fn stop(mut self) {
+        let pid = self.child.id().expect("running").to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().await;
+        assert!(killed.expect("kill").success());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("stops within 30 s of SIGTERM")
+            .expect("wait");
+        assert!(status.success(), "flashmesh up exited with {status}");
+    }
+}
+
+/// Runs grpcurl; returns (success, stdout + stderr).
+async fn grpcurl(args: &[&str]) -> (bool, String) {
+    let output = Command::new(tools().join("grpcurl"))
+        .args(args)
+        .output()
+        .await
+        .expect("run grpcurl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+async fn grpcurl_json(args: &[&str]) -> Value {
+    let (ok, text) = grpcurl(args).await;
+    assert!(ok, "grpcurl {args:?} failed: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("grpcurl printed non-JSON ({e}): {text}"))
+}
+
+async fn up_serves_auth_to_grpcurl(backend: Backend) {
+    let env = StackEnv::new(backend).await;
+    let stack = Stack::up(&env).await;
+    let addr = stack.auth_addr.as_str();
+
+    let (ok, listed) = grpcurl(&["-plaintext", addr, "list"]).await;
+    assert!(ok, "{listed}");
+    let services: Vec<_> = listed.lines().collect();
+    assert_eq!(
+        services,
+        [
+            "flashmesh.auth.v1.AuthService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+    );
+
+    let health = grpcurl_json(&["-plaintext", addr, "grpc.health.v1.Health/Check"]).await;
+    assert_eq!(health["status"], "SERVING");
+
+    let email = common::unique_email();
+    let credentials = serde_json::json!({"email": email, "password": common::PASSWORD}).to_string();
+    let signed_up = grpcurl_json(&[
+        "-plaintext", "-d", &credentials, addr, "flashmesh.auth.v1.AuthService/SignUp",
+    ])
+    .await;
+    assert_eq!(signed_up["user"]["email"], email.as_str());
+    let logged_in = grpcurl_json(&[
+        "-plaintext", "-d", &credentials, addr, "flashmesh.auth.v1.AuthService/Login",
+    ])
+    .await;
+    let access = logged_in["tokens"]["accessToken"].as_str().expect("access token");
+    let me = grpcurl_json(&[
+        "-plaintext",
+        "-rpc-header",
+        &format!("authorization: Bearer {access}"),
+        addr,
+        "flashmesh.auth.v1.AuthService/GetMe",
+    ])
+    .await;
+    assert_eq!(me["user"]["id"], signed_up["user"]["id"]);
+
+    let tampered = format!("{access}x");
+    let (ok, rejected) = grpcurl(&[
+        "-plaintext",
+        "-rpc-header",
+        &format!("authorization: Bearer {tampered}"),
+        addr,
+        "flashmesh.auth.v1.AuthService/GetMe",
+    ])
+    .await;
+    assert!(!ok);
+    assert!(rejected.contains("Code: Unauthenticated"), "{rejected}");
+    assert!(rejected.contains("\"reason\":\"TOKEN_INVALID\""), "{rejected}");
+
+    // Refresh rotates; presenting the spent token again is reuse.
+    let first = logged_in["tokens"]["refreshToken"].as_str().expect("refresh token");
+    let refresh_body = serde_json::json!({"refresh_token": first}).to_string();
+    let rotated = grpcurl_json(&[
+        "-plaintext", "-d", &refresh_body, addr, "flashmesh.auth.v1.AuthService/Refresh",
+    ])
+    .await;
+    assert_ne!(rotated["tokens"]["refreshToken"].as_str(), Some(first));
+    let (ok, reused) = grpcurl(&[
+        "-plaintext", "-d", &refresh_body, addr, "flashmesh.auth.v1.AuthService/Refresh",
+    ])
+    .await;
+    assert!(!ok);
+    assert!(reused.contains("\"reason\":\"REFRESH_TOKEN_REUSED\""), "{reused}");
+    let second = serde_json::json!({"refresh_token": rotated["tokens"]["refreshToken"]}).to_string();
+    let (ok, revoked) = grpcurl(&[
+        "-plaintext", "-d", &second, addr, "flashmesh.auth.v1.AuthService/Refresh",
+    ])
+    .await;
+    assert!(!ok, "the family is revoked after reuse: {revoked}");
+
+    let (ok, described) = grpcurl(&["-plaintext", addr, "describe", "flashmesh.auth.v1.AuthService"]).await;
+    assert!(ok && described.contains("rpc GetJwks"), "{described}");
+    stack.stop().await;
+}
+
+async fn python_client_uses_the_contracts(backend: Backend) {
+    let env = StackEnv::new(backend).await;
+    let stack = Stack::up(&env).await;
+    let output = Command::new(tools().join("python"))
+        .arg(repo_root().join("tests/python/auth_client.py"))
+        .arg(&stack.auth_addr)
+        .arg(repo_root().join("proto"))
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "python client failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stack.stop().await;
+}
+
+async fn admin_command_creates_and_promotes_admins(backend: Backend) {
+    let env = StackEnv::new(backend).await;
+    let email = common::unique_email();
+
+    let mut admin = flashmesh(&env, &["admin", "--email", &email])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn admin");
+    let mut stdin = admin.stdin.take().expect("stdin");
+    stdin.write_all(b"admin password 1\n").await.unwrap();
+    drop(stdin);
+    let output = admin.wait_with_output().await.expect("admin finishes");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let stack = Stack::up(&env).await;
+    let credentials = serde_json::json!({"email": email, "password": "admin password 1"}).to_string();
+    let logged_in = grpcurl_json(&[
+        "-plaintext", "-d", &credentials, &stack.auth_addr, "flashmesh.auth.v1.AuthService/Login",
+    ])
+    .await;
+    assert_eq!(logged_in["user"]["role"], "ROLE_ADMIN");
+
+    let user = common::unique_email();
+    let user_credentials = serde_json::json!({"email": user, "password": common::PASSWORD}).to_string();
+    let signed_up = grpcurl_json(&[
+        "-plaintext", "-d", &user_credentials, &stack.auth_addr, "flashmesh.auth.v1.AuthService/SignUp",
+    ])
+    .await;
+    assert_eq!(signed_up["user"]["role"], "ROLE_USER");
+    let promoted = flashmesh(&env, &["admin", "--email", &user])
+        .output()
+        .await
+        .expect("promote");
+    assert!(promoted.status.success(), "{}", String::from_utf8_lossy(&promoted.stderr));
+    let relogged = grpcurl_json(&[
+        "-plaintext", "-d", &user_credentials, &stack.auth_addr, "flashmesh.auth.v1.AuthService/Login",
+    ])
+    .await;
+    assert_eq!(relogged["user"]["role"], "ROLE_ADMIN");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bad_configuration_fails_start_up_naming_the_variable() {
+    let env = StackEnv::new(Backend::Embedded).await;
+    for (var, value) in [
+        ("FLASHMESH_REQUEST_TIMEOUT", "soon"),
+        ("FLASHMESH_AUTH_ADDR", "localhost"),
+        ("FLASHMESH_ARGON2_ITERATIONS", "0"),
+        ("DATABASE_MAX_CONNECTIONS", "many"),
+    ] {
+        let output = flashmesh(&env, &["auth"])
+            .env(var, value)
+            .output()
+            .await
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{var}={value} was accepted");
+        assert!(stderr.contains(var), "{var}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn migrate_creates_the_auth_schema_in_postgres() {
+    let env = StackEnv::new(Backend::Postgres).await;
+    let output = flashmesh(&env, &["migrate"]).output().await.expect("run");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let url = &env.database.as_ref().expect("postgres").url;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await.unwrap();
+    let tables: Vec<(String,)> = sqlx::query_as(
+        "SELECT table_name::text FROM information_schema.tables \
+         WHERE table_schema = 'auth' ORDER BY table_name",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let tables: Vec<_> = tables.into_iter().map(|(t,)| t).collect();
+    assert_eq!(tables, ["_sqlx_migrations", "refresh_tokens", "users"]);
+}
+
+#[test]
+fn contracts_pass_buf_lint_and_build() {
+    for args in [&["lint"][..], &["build", "-o", "/dev/null"], &["format", "--diff", "--exit-code"]] {
+        let output = std::process::Command::new(tools().join("buf"))
+            .args(args)
+            .current_dir(repo_root())
+            .output()
+            .expect("run buf");
+        assert!(
+            output.status.success(),
+            "buf {args:?}:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn readme_documents_every_configuration_variable() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let mut missing = Vec::new();
+    for source in ["crates/platform/src/config.rs", "services/auth/src/config.rs"] {
+        let code = std::fs::read_to_string(repo_root().join(source)).expect("config source");
+        for var in env_vars_in(&code) {
+            if !readme.contains(&format!("`{var}`")) {
+                missing.push(var);
+            }
+        }
+    }
+    missing.sort();
+    missing.dedup();
+    assert!(missing.is_empty(), "README.md does not document {missing:?}");
+}
+
+/// Quoted `FLASHMESH_*`, `DATABASE_*` and `REDIS_*` names in `code`.
+fn env_vars_in(code: &str) -> Vec<String> {
+    code.split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| {
+            ["FLASHMESH_", "DATABASE_", "REDIS_"].iter().any(|p| s.starts_with(p))
+                && s.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .map(str::to_owned)
+        .collect()
+}
