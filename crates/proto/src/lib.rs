@@ -1,5 +1,9 @@
 //! The flashmesh contracts as Rust types, clients and servers.
 
+// Comments are copied verbatim from the .proto files, whose list style is
+// protobuf's, not rustdoc's.
+#![allow(clippy::doc_lazy_continuation)]
+
 /// Encoded `google.protobuf.FileDescriptorSet` of every contract and its
 /// imports, for server reflection and gRPC transcoding.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
