@@ -46,7 +46,9 @@ struct Stack {
 
 impl Stack {
     async fn up(stack: &StackEnv) -> Self {
-        let mut child = flashmesh(stack, &["up"]).spawn().expect("spawn flashmesh up");
+        let mut child = flashmesh(stack, &["up"])
+            .spawn()
+            .expect("spawn flashmesh up");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let auth_addr = tokio::time::timeout(Duration::from_secs(30), async {
@@ -120,15 +122,25 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
     let email = common::unique_email();
     let credentials = serde_json::json!({"email": email, "password": common::PASSWORD}).to_string();
     let signed_up = grpcurl_json(&[
-        "-plaintext", "-d", &credentials, addr, "flashmesh.auth.v1.AuthService/SignUp",
+        "-plaintext",
+        "-d",
+        &credentials,
+        addr,
+        "flashmesh.auth.v1.AuthService/SignUp",
     ])
     .await;
     assert_eq!(signed_up["user"]["email"], email.as_str());
     let logged_in = grpcurl_json(&[
-        "-plaintext", "-d", &credentials, addr, "flashmesh.auth.v1.AuthService/Login",
+        "-plaintext",
+        "-d",
+        &credentials,
+        addr,
+        "flashmesh.auth.v1.AuthService/Login",
     ])
     .await;
-    let access = logged_in["tokens"]["accessToken"].as_str().expect("access token");
+    let access = logged_in["tokens"]["accessToken"]
+        .as_str()
+        .expect("access token");
     let me = grpcurl_json(&[
         "-plaintext",
         "-rpc-header",
@@ -150,30 +162,57 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
     .await;
     assert!(!ok);
     assert!(rejected.contains("Code: Unauthenticated"), "{rejected}");
-    assert!(rejected.contains("\"reason\":\"TOKEN_INVALID\""), "{rejected}");
+    assert!(
+        rejected.contains("\"reason\":\"TOKEN_INVALID\""),
+        "{rejected}"
+    );
 
     // Refresh rotates; presenting the spent token again is reuse.
-    let first = logged_in["tokens"]["refreshToken"].as_str().expect("refresh token");
+    let first = logged_in["tokens"]["refreshToken"]
+        .as_str()
+        .expect("refresh token");
     let refresh_body = serde_json::json!({"refresh_token": first}).to_string();
     let rotated = grpcurl_json(&[
-        "-plaintext", "-d", &refresh_body, addr, "flashmesh.auth.v1.AuthService/Refresh",
+        "-plaintext",
+        "-d",
+        &refresh_body,
+        addr,
+        "flashmesh.auth.v1.AuthService/Refresh",
     ])
     .await;
     assert_ne!(rotated["tokens"]["refreshToken"].as_str(), Some(first));
     let (ok, reused) = grpcurl(&[
-        "-plaintext", "-d", &refresh_body, addr, "flashmesh.auth.v1.AuthService/Refresh",
+        "-plaintext",
+        "-d",
+        &refresh_body,
+        addr,
+        "flashmesh.auth.v1.AuthService/Refresh",
     ])
     .await;
     assert!(!ok);
-    assert!(reused.contains("\"reason\":\"REFRESH_TOKEN_REUSED\""), "{reused}");
-    let second = serde_json::json!({"refresh_token": rotated["tokens"]["refreshToken"]}).to_string();
+    assert!(
+        reused.contains("\"reason\":\"REFRESH_TOKEN_REUSED\""),
+        "{reused}"
+    );
+    let second =
+        serde_json::json!({"refresh_token": rotated["tokens"]["refreshToken"]}).to_string();
     let (ok, revoked) = grpcurl(&[
-        "-plaintext", "-d", &second, addr, "flashmesh.auth.v1.AuthService/Refresh",
+        "-plaintext",
+        "-d",
+        &second,
+        addr,
+        "flashmesh.auth.v1.AuthService/Refresh",
     ])
     .await;
     assert!(!ok, "the family is revoked after reuse: {revoked}");
 
-    let (ok, described) = grpcurl(&["-plaintext", addr, "describe", "flashmesh.auth.v1.AuthService"]).await;
+    let (ok, described) = grpcurl(&[
+        "-plaintext",
+        addr,
+        "describe",
+        "flashmesh.auth.v1.AuthService",
+    ])
+    .await;
     assert!(ok && described.contains("rpc GetJwks"), "{described}");
     stack.stop().await;
 }
@@ -209,20 +248,34 @@ async fn admin_command_creates_and_promotes_admins(backend: Backend) {
     stdin.write_all(b"admin password 1\n").await.unwrap();
     drop(stdin);
     let output = admin.wait_with_output().await.expect("admin finishes");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     let stack = Stack::up(&env).await;
-    let credentials = serde_json::json!({"email": email, "password": "admin password 1"}).to_string();
+    let credentials =
+        serde_json::json!({"email": email, "password": "admin password 1"}).to_string();
     let logged_in = grpcurl_json(&[
-        "-plaintext", "-d", &credentials, &stack.auth_addr, "flashmesh.auth.v1.AuthService/Login",
+        "-plaintext",
+        "-d",
+        &credentials,
+        &stack.auth_addr,
+        "flashmesh.auth.v1.AuthService/Login",
     ])
     .await;
     assert_eq!(logged_in["user"]["role"], "ROLE_ADMIN");
 
     let user = common::unique_email();
-    let user_credentials = serde_json::json!({"email": user, "password": common::PASSWORD}).to_string();
+    let user_credentials =
+        serde_json::json!({"email": user, "password": common::PASSWORD}).to_string();
     let signed_up = grpcurl_json(&[
-        "-plaintext", "-d", &user_credentials, &stack.auth_addr, "flashmesh.auth.v1.AuthService/SignUp",
+        "-plaintext",
+        "-d",
+        &user_credentials,
+        &stack.auth_addr,
+        "flashmesh.auth.v1.AuthService/SignUp",
     ])
     .await;
     assert_eq!(signed_up["user"]["role"], "ROLE_USER");
@@ -230,9 +283,17 @@ async fn admin_command_creates_and_promotes_admins(backend: Backend) {
         .output()
         .await
         .expect("promote");
-    assert!(promoted.status.success(), "{}", String::from_utf8_lossy(&promoted.stderr));
+    assert!(
+        promoted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&promoted.stderr)
+    );
     let relogged = grpcurl_json(&[
-        "-plaintext", "-d", &user_credentials, &stack.auth_addr, "flashmesh.auth.v1.AuthService/Login",
+        "-plaintext",
+        "-d",
+        &user_credentials,
+        &stack.auth_addr,
+        "flashmesh.auth.v1.AuthService/Login",
     ])
     .await;
     assert_eq!(relogged["user"]["role"], "ROLE_ADMIN");
@@ -263,9 +324,15 @@ async fn bad_configuration_fails_start_up_naming_the_variable() {
 async fn migrate_creates_the_auth_schema_in_postgres() {
     let env = StackEnv::new(Backend::Postgres).await;
     let output = flashmesh(&env, &["migrate"]).output().await.expect("run");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let url = &env.database.as_ref().expect("postgres").url;
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await.unwrap();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+        .await
+        .unwrap();
     let tables: Vec<(String,)> = sqlx::query_as(
         "SELECT table_name::text FROM information_schema.tables \
          WHERE table_schema = 'auth' ORDER BY table_name",
@@ -279,7 +346,11 @@ async fn migrate_creates_the_auth_schema_in_postgres() {
 
 #[test]
 fn contracts_pass_buf_lint_and_build() {
-    for args in [&["lint"][..], &["build", "-o", "/dev/null"], &["format", "--diff", "--exit-code"]] {
+    for args in [
+        &["lint"][..],
+        &["build", "-o", "/dev/null"],
+        &["format", "--diff", "--exit-code"],
+    ] {
         let output = std::process::Command::new(tools().join("buf"))
             .args(args)
             .current_dir(repo_root())
@@ -298,7 +369,10 @@ fn contracts_pass_buf_lint_and_build() {
 fn readme_documents_every_configuration_variable() {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
     let mut missing = Vec::new();
-    for source in ["crates/platform/src/config.rs", "services/auth/src/config.rs"] {
+    for source in [
+        "crates/platform/src/config.rs",
+        "services/auth/src/config.rs",
+    ] {
         let code = std::fs::read_to_string(repo_root().join(source)).expect("config source");
         for var in env_vars_in(&code) {
             if !readme.contains(&format!("`{var}`")) {
@@ -308,7 +382,10 @@ fn readme_documents_every_configuration_variable() {
     }
     missing.sort();
     missing.dedup();
-    assert!(missing.is_empty(), "README.md does not document {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "README.md does not document {missing:?}"
+    );
 }
 
 /// Quoted `FLASHMESH_*`, `DATABASE_*` and `REDIS_*` names in `code`.
@@ -317,8 +394,11 @@ fn env_vars_in(code: &str) -> Vec<String> {
         .skip(1)
         .step_by(2)
         .filter(|s| {
-            ["FLASHMESH_", "DATABASE_", "REDIS_"].iter().any(|p| s.starts_with(p))
-                && s.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            ["FLASHMESH_", "DATABASE_", "REDIS_"]
+                .iter()
+                .any(|p| s.starts_with(p))
+                && s.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
         })
         .map(str::to_owned)
         .collect()
