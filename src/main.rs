@@ -4,7 +4,7 @@
 //! loopback port, talking real gRPC); `flashmesh auth` runs one service alone,
 //! as a Kubernetes Deployment does.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -126,22 +126,20 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         || format!("SQLite under {}", settings.platform.data_dir.display()),
         |_| "PostgreSQL (DATABASE_URL)".to_owned(),
     );
-    println!(
-        "flashmesh is up ({store}; {})",
-        if redis.is_some() {
-            "Redis"
-        } else {
-            "in-process cache and limits"
-        }
-    );
-    println!("  auth     grpc://{auth_addr}");
-    println!();
-    println!("Try:");
-    println!("  grpcurl -plaintext {auth_addr} list");
-    println!(
-        "  grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
+    let mode = if redis.is_some() {
+        "Redis"
+    } else {
+        "in-process cache and limits"
+    };
+    let banner = format!(
+        "flashmesh is up ({store}; {mode})\n  auth     grpc://{auth_addr}\n\nTry:\n  \
+         grpcurl -plaintext {auth_addr} list\n  \
+         grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
          {auth_addr} flashmesh.auth.v1.AuthService/SignUp"
     );
+    // The banner is a courtesy: a closed stdout (`flashmesh up | head -1`)
+    // must not stop the services, so a failed write is ignored.
+    let _ = writeln!(std::io::stdout(), "{banner}");
 
     app.serve(listener, shutdown_on_signal()).await?;
     Ok(())

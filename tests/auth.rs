@@ -44,6 +44,7 @@ on_both_backends!(
     other_services_verify_tokens_with_jwks_over_grpc,
     tokens_signed_before_a_key_rotation_stay_valid,
     load_is_shed_and_slow_calls_time_out,
+    shutdown_drains_calls_in_flight,
 );
 
 async fn sign_up_login_and_get_me(backend: Backend) {
@@ -666,4 +667,40 @@ async fn load_is_shed_and_slow_calls_time_out(backend: Backend) {
     let status = login(&mut client, &email, PASSWORD).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     auth.stop().await;
+}
+
+async fn shutdown_drains_calls_in_flight(backend: Backend) {
+    let mut stack = StackEnv::new(backend).await;
+    // Costly hashing queues the sign-ups on the hashing pool, so most of them
+    // are still running when the shutdown starts.
+    stack
+        .set("FLASHMESH_ARGON2_MEMORY_KIB", "65536")
+        .set("FLASHMESH_ARGON2_ITERATIONS", "3");
+    let auth = stack.start_auth().await;
+    let client = auth.auth_client().await;
+    let sign_ups = tokio::spawn(join_all((0..8).map(|_| {
+        let mut client = client.clone();
+        async move {
+            client
+                .sign_up(SignUpRequest {
+                    email: unique_email(),
+                    password: PASSWORD.into(),
+                    display_name: String::new(),
+                })
+                .await
+        }
+    })));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !sign_ups.is_finished(),
+        "the sign-ups are in flight when the shutdown starts"
+    );
+    let stopped = tokio::spawn(auth.stop());
+    let results = sign_ups.await.unwrap();
+    stopped.await.unwrap();
+    let failures: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "calls in flight at shutdown failed: {failures:?}"
+    );
 }

@@ -61,6 +61,8 @@ impl Stack {
         })
         .await
         .expect("flashmesh up starts within 30 s");
+        // Keep reading so the child never writes into a closed pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self { child, auth_addr }
     }
 

@@ -31,6 +31,15 @@ impl FieldViolation {
     }
 }
 
+/// `field description; field description`, for error messages.
+pub fn describe_violations(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{} {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// What a domain error tells its caller.
 pub trait DomainError: std::error::Error {
     /// The gRPC code. `Internal` and `Unavailable` are server-side faults.

@@ -2,12 +2,12 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use flashmesh_platform::error::{DomainError, FieldViolation, to_status};
+use flashmesh_platform::error::{DomainError, FieldViolation, describe_violations, to_status};
 use tonic::Code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("invalid request: {}", describe(.0))]
+    #[error("invalid request: {}", describe_violations(.0))]
     InvalidInput(Vec<FieldViolation>),
     #[error("an account with this email already exists")]
     EmailTaken,
@@ -79,14 +79,6 @@ impl DomainError for AuthError {
             _ => &[],
         }
     }
-}
-
-fn describe(violations: &[FieldViolation]) -> String {
-    violations
-        .iter()
-        .map(|v| format!("{} {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 impl From<AuthError> for tonic::Status {
