@@ -11,9 +11,11 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::Command, sync::OnceLock};
 
-use flashmesh_auth::{AuthApp, config::AuthConfig};
+use flashmesh_auth::{AuthApp, config::AuthConfig, service::AuthService};
+use flashmesh_catalog::{CatalogApp, config::CatalogConfig, service::CatalogService};
 use flashmesh_platform::{
     config::{Env, PlatformConfig},
+    identity::Role,
     redis::RedisHandle,
 };
 use flashmesh_proto::auth::v1::{
@@ -168,31 +170,110 @@ impl StackEnv {
         self.data_dir.path().join("auth-keys")
     }
 
-    /// Builds and starts the auth service on a random port.
-    pub async fn start_auth(&self) -> RunningService {
-        let platform = PlatformConfig::from_env(&self.env).expect("platform config");
-        let config = AuthConfig::from_env(&self.env, &platform.data_dir).expect("auth config");
-        let redis = match &platform.redis_url {
+    fn platform(&self) -> PlatformConfig {
+        PlatformConfig::from_env(&self.env).expect("platform config")
+    }
+
+    async fn redis(&self, platform: &PlatformConfig) -> Option<RedisHandle> {
+        match &platform.redis_url {
             Some(url) => Some(
                 RedisHandle::connect(url, &platform.redis_key_prefix)
                     .await
                     .unwrap_or_else(|e| panic!("Redis is unreachable at {url} (REDIS_URL): {e}")),
             ),
             None => None,
-        };
-        let app = AuthApp::build(&platform, config, redis.as_ref())
-            .await
-            .expect("auth service starts");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(app.serve(listener, shutdown.clone()));
-        RunningService {
-            addr,
-            shutdown,
-            task: Some(task),
         }
     }
+
+    async fn auth_app(&self) -> AuthApp {
+        let platform = self.platform();
+        let config = AuthConfig::from_env(&self.env, &platform.data_dir).expect("auth config");
+        let redis = self.redis(&platform).await;
+        AuthApp::build(&platform, config, redis.as_ref())
+            .await
+            .expect("auth service starts")
+    }
+
+    /// Builds and starts the auth service on a random port.
+    pub async fn start_auth(&self) -> RunningService {
+        let app = self.auth_app().await;
+        serve(|listener, shutdown| app.serve(listener, shutdown)).await
+    }
+
+    /// Starts auth and catalog, with an admin and the order service's token.
+    pub async fn start_catalog(&mut self) -> CatalogStack {
+        let auth_app = self.auth_app().await;
+        let accounts = auth_app.service.clone();
+        let auth = serve(|listener, shutdown| auth_app.serve(listener, shutdown)).await;
+        self.set("FLASHMESH_AUTH_URL", auth.endpoint());
+        let catalog = self.start_catalog_replica().await;
+        let admin_email = unique_email();
+        accounts
+            .create_user(&admin_email, PASSWORD, "", Role::Admin)
+            .await
+            .expect("create admin");
+        let (_, admin) = accounts
+            .login(&admin_email, PASSWORD)
+            .await
+            .expect("admin login");
+        let order_token = accounts
+            .issue_service_token("order", std::time::Duration::from_secs(3600))
+            .expect("service token");
+        CatalogStack {
+            auth,
+            catalog,
+            accounts,
+            admin_token: admin.access_token,
+            order_token,
+        }
+    }
+
+    /// Another catalog replica on this stack's storage.
+    pub async fn start_catalog_replica(&self) -> CatalogReplica {
+        let platform = self.platform();
+        let config = CatalogConfig::from_env(&self.env).expect("catalog config");
+        let redis = self.redis(&platform).await;
+        let app = CatalogApp::build(&platform, config, redis.as_ref())
+            .await
+            .expect("catalog service starts");
+        let service = app.service.clone();
+        let running = serve(|listener, shutdown| app.serve(listener, shutdown)).await;
+        CatalogReplica { running, service }
+    }
+}
+
+/// Serves on a random loopback port.
+async fn serve<F, Fut>(start: F) -> RunningService
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), flashmesh_platform::grpc::ServeError>>
+        + Send
+        + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(start(listener, shutdown.clone()));
+    RunningService {
+        addr,
+        shutdown,
+        task: Some(task),
+    }
+}
+
+/// A catalog replica and its service, for reading its counters.
+pub struct CatalogReplica {
+    pub running: RunningService,
+    pub service: std::sync::Arc<CatalogService>,
+}
+
+/// Auth plus catalog, with tokens for an admin and the order service.
+pub struct CatalogStack {
+    pub auth: RunningService,
+    pub catalog: CatalogReplica,
+    pub accounts: AuthService,
+    pub admin_token: String,
+    pub order_token: String,
 }
 
 /// A service serving on a loopback port; stopped when dropped.

@@ -136,6 +136,11 @@ pub struct PlatformConfig {
     pub server: ServerConfig,
     /// How access tokens are verified (and, by the auth service, issued).
     pub tokens: TokenPolicy,
+    /// `FLASHMESH_AUTH_URL`: where services fetch the token keys (JWKS).
+    pub auth_url: String,
+    /// `FLASHMESH_PAGE_TOKEN_SECRET`: signs page tokens; unset means a
+    /// secret generated once under the data dir.
+    pub page_token_secret: Option<String>,
 }
 
 /// How a gRPC server treats its requests and its shutdown.
@@ -200,6 +205,11 @@ impl PlatformConfig {
                     Duration::from_secs(10),
                 )?,
             },
+            auth_url: env
+                .raw("FLASHMESH_AUTH_URL")
+                .unwrap_or("http://127.0.0.1:50051")
+                .to_owned(),
+            page_token_secret: env.raw("FLASHMESH_PAGE_TOKEN_SECRET").map(str::to_owned),
         })
     }
 }

@@ -32,6 +32,8 @@ pub const TOKEN_ALGORITHM: Algorithm = Algorithm::EdDSA;
 pub enum Role {
     User,
     Admin,
+    /// Another flashmesh service; its `sub` names it (e.g. `order`).
+    Service,
 }
 
 /// The claims of a flashmesh access token.

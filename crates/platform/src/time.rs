@@ -10,6 +10,14 @@ pub fn timestamp_from_millis(millis: i64) -> prost_types::Timestamp {
     }
 }
 
+/// Milliseconds since the Unix epoch for `timestamp` (saturating).
+pub fn millis_from_timestamp(timestamp: &prost_types::Timestamp) -> i64 {
+    timestamp
+        .seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(timestamp.nanos) / 1_000_000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -159,6 +159,7 @@ pub fn role_name(role: Role) -> &'static str {
     match role {
         Role::User => "user",
         Role::Admin => "admin",
+        Role::Service => "service",
     }
 }
 

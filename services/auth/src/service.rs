@@ -209,6 +209,12 @@ impl AuthService {
             .ok_or(AuthError::UserNotFound)
     }
 
+    /// A token naming another service (`sub` = `service`, `role=service`),
+    /// for service-to-service calls such as order → catalog ReserveStock.
+    pub fn issue_service_token(&self, service: &str, ttl: Duration) -> Result<String, AuthError> {
+        Ok(self.sign_token(service, Role::Service, ttl, now_ms())?.0)
+    }
+
     pub fn keys(&self) -> &SigningKeys {
         &self.keys
     }
@@ -259,17 +265,28 @@ impl AuthService {
     }
 
     fn access_token(&self, user: &User, now: i64) -> Result<(String, i64), AuthError> {
+        self.sign_token(&user.id, user.role, self.config.access_token_ttl, now)
+    }
+
+    /// A signed access token and its expiry (epoch ms).
+    fn sign_token(
+        &self,
+        subject: &str,
+        role: Role,
+        ttl: Duration,
+        now: i64,
+    ) -> Result<(String, i64), AuthError> {
         let issued = u64::try_from(now / 1000).unwrap_or_default();
-        let expires_at = now.saturating_add(millis(self.config.access_token_ttl));
+        let expires_at = now.saturating_add(millis(ttl));
         let claims = AccessClaims {
             iss: self.tokens.issuer.clone(),
             aud: self.tokens.audience.clone(),
-            sub: user.id.clone(),
+            sub: subject.to_owned(),
             iat: issued,
             nbf: issued,
             exp: u64::try_from(expires_at / 1000).unwrap_or_default(),
             jti: uuid::Uuid::now_v7().to_string(),
-            role: user.role,
+            role,
         };
         Ok((self.keys.sign(&claims)?, expires_at))
     }

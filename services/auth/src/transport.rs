@@ -105,6 +105,7 @@ fn user_message(user: &User) -> pb::User {
         role: match user.role {
             Role::User => pb::Role::User,
             Role::Admin => pb::Role::Admin,
+            Role::Service => pb::Role::Service,
         }
         .into(),
         created_at: Some(timestamp_from_millis(user.created_at)),

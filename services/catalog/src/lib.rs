@@ -1,0 +1,121 @@
+//! The catalog service: products, flash deals and their stock — the hottest
+//! data of a flash sale, read by everyone and written by thousands of buyers
+//! in the same second.
+//!
+//! Layers: [`transport`] (tonic, thin) → [`service`] (use cases) → [`domain`]
+//! (rules, no I/O), with [`storage`] (sqlx, the source of truth), [`gate`]
+//! (the Redis stock gate), the platform's tiered cache, and [`feed`] /
+//! [`watch`] for live deal streams.
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod feed;
+pub mod gate;
+pub mod service;
+pub mod storage;
+pub mod transport;
+pub mod watch;
+
+use std::{sync::Arc, time::Duration};
+
+use flashmesh_platform::{
+    cache::{CacheConfig, TieredCache},
+    config::PlatformConfig,
+    db::{Database, StoreError},
+    grpc::{GrpcServer, ServeError},
+    identity::{AuthServiceKeys, TokenVerifier},
+    paging::{PageSecretError, PageTokens},
+    pubsub::bus,
+    redis::RedisHandle,
+};
+use flashmesh_proto::catalog::v1::catalog_service_server::CatalogServiceServer;
+use sqlx::migrate::Migrator;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::CatalogConfig, feed::DealFeed, gate::StockGate, service::CatalogService,
+    storage::CatalogStore, transport::CatalogGrpc,
+};
+
+/// The catalog schema's migrations, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/catalog");
+
+/// The schema (PostgreSQL) or file (SQLite) the catalog owns.
+pub const SCHEMA: &str = "catalog";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    PageSecret(#[from] PageSecretError),
+    #[error("FLASHMESH_AUTH_URL is not a valid URL: {0}")]
+    AuthUrl(#[from] http::uri::InvalidUri),
+}
+
+/// A ready-to-serve catalog service.
+pub struct CatalogApp {
+    pub service: Arc<CatalogService>,
+    verifier: Arc<TokenVerifier>,
+    platform: PlatformConfig,
+    db: Database,
+}
+
+fn cache_config(namespace: &str, config: &CatalogConfig) -> CacheConfig {
+    CacheConfig {
+        namespace: namespace.to_owned(),
+        l1_ttl: config.cache_l1_ttl,
+        l1_capacity: 100_000,
+        l2_ttl: config.cache_l2_ttl,
+        negative_ttl: Duration::from_millis(200),
+    }
+}
+
+impl CatalogApp {
+    /// Opens storage, runs migrations, and wires the cache, gate and feed.
+    pub async fn build(
+        platform: &PlatformConfig,
+        config: CatalogConfig,
+        redis: Option<&RedisHandle>,
+    ) -> Result<Self, StartError> {
+        let db = Database::connect(platform, SCHEMA).await?;
+        db.migrate(&MIGRATOR).await?;
+        let bus = bus(redis);
+        let service = CatalogService::new(
+            Arc::new(CatalogStore::new(db.pool().clone())),
+            TieredCache::new(cache_config("catalog:product", &config), redis, bus.clone()).await,
+            TieredCache::new(cache_config("catalog:deal", &config), redis, bus.clone()).await,
+            redis.map(|redis| StockGate::new(redis.clone(), config.stock_gate_ttl)),
+            DealFeed::new(bus).await,
+            PageTokens::configured(platform.page_token_secret.as_deref(), &platform.data_dir)?,
+            config,
+        );
+        let verifier = TokenVerifier::new(
+            Arc::new(AuthServiceKeys::new(&platform.auth_url)?),
+            platform.tokens.clone(),
+        );
+        Ok(Self {
+            service: Arc::new(service),
+            verifier: Arc::new(verifier),
+            platform: platform.clone(),
+            db,
+        })
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` is cancelled.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        let served = GrpcServer::new(&self.platform.server)
+            .with_identity(self.verifier)
+            .add_service(CatalogServiceServer::new(CatalogGrpc::new(self.service)))
+            .serve(listener, shutdown)
+            .await;
+        self.db.close().await;
+        served
+    }
+}
