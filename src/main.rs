@@ -9,6 +9,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flashmesh_auth::{AuthApp, config::AuthConfig};
+use flashmesh_catalog::{CatalogApp, config::CatalogConfig};
 use flashmesh_platform::{
     config::{Env, PlatformConfig},
     identity::Role,
@@ -34,6 +35,8 @@ enum Command {
     Up,
     /// Run the auth service alone.
     Auth,
+    /// Run the catalog service alone.
+    Catalog,
     /// Apply every service's database migrations, then exit.
     Migrate,
     /// Create an admin, or promote an existing user. The password is read
@@ -62,6 +65,7 @@ enum KeysCommand {
 struct Settings {
     platform: PlatformConfig,
     auth: AuthConfig,
+    catalog: CatalogConfig,
 }
 
 impl Settings {
@@ -69,7 +73,12 @@ impl Settings {
         let env = Env::from_process();
         let platform = PlatformConfig::from_env(&env)?;
         let auth = AuthConfig::from_env(&env, &platform.data_dir)?;
-        Ok(Self { platform, auth })
+        let catalog = CatalogConfig::from_env(&env)?;
+        Ok(Self {
+            platform,
+            auth,
+            catalog,
+        })
     }
 
     async fn redis(&self) -> anyhow::Result<Option<RedisHandle>> {
@@ -90,9 +99,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up => up(settings).await,
         Command::Auth => auth(settings).await,
+        Command::Catalog => catalog(settings).await,
         Command::Migrate => {
             // Building a service runs its migrations.
             AuthApp::build(&settings.platform, settings.auth, None).await?;
+            CatalogApp::build(&settings.platform, settings.catalog, None).await?;
             println!("migrations applied");
             Ok(())
         }
@@ -118,12 +129,18 @@ async fn main() -> anyhow::Result<()> {
 
 async fn up(settings: Settings) -> anyhow::Result<()> {
     let redis = settings.redis().await?;
-    let listener = bind(settings.auth.listen_addr, "FLASHMESH_AUTH_ADDR").await?;
-    let auth_addr = listener.local_addr()?;
-    let app = AuthApp::build(&settings.platform, settings.auth, redis.as_ref()).await?;
+    let auth_listener = bind(settings.auth.listen_addr, "FLASHMESH_AUTH_ADDR").await?;
+    let catalog_listener = bind(settings.catalog.listen_addr, "FLASHMESH_CATALOG_ADDR").await?;
+    let auth_addr = auth_listener.local_addr()?;
+    let catalog_addr = catalog_listener.local_addr()?;
+    // In one process the services find each other on the ports just bound.
+    let mut platform = settings.platform.clone();
+    platform.auth_url = format!("http://{auth_addr}");
+    let auth = AuthApp::build(&platform, settings.auth, redis.as_ref()).await?;
+    let catalog = CatalogApp::build(&platform, settings.catalog, redis.as_ref()).await?;
 
-    let store = settings.platform.database_url.as_deref().map_or_else(
-        || format!("SQLite under {}", settings.platform.data_dir.display()),
+    let store = platform.database_url.as_deref().map_or_else(
+        || format!("SQLite under {}", platform.data_dir.display()),
         |_| "PostgreSQL (DATABASE_URL)".to_owned(),
     );
     let mode = if redis.is_some() {
@@ -132,16 +149,21 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         "in-process cache and limits"
     };
     let banner = format!(
-        "flashmesh is up ({store}; {mode})\n  auth     grpc://{auth_addr}\n\nTry:\n  \
-         grpcurl -plaintext {auth_addr} list\n  \
+        "flashmesh is up ({store}; {mode})\n  auth     grpc://{auth_addr}\n  catalog  grpc://{catalog_addr}\n\n\
+         Try:\n  grpcurl -plaintext {auth_addr} list\n  \
          grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
-         {auth_addr} flashmesh.auth.v1.AuthService/SignUp"
+         {auth_addr} flashmesh.auth.v1.AuthService/SignUp\n  \
+         grpcurl -plaintext {catalog_addr} flashmesh.catalog.v1.CatalogService/ListDeals"
     );
     // The banner is a courtesy: a closed stdout (`flashmesh up | head -1`)
     // must not stop the services, so a failed write is ignored.
     let _ = writeln!(std::io::stdout(), "{banner}");
 
-    app.serve(listener, shutdown_on_signal()).await?;
+    let shutdown = shutdown_on_signal();
+    tokio::try_join!(
+        auth.serve(auth_listener, shutdown.clone()),
+        catalog.serve(catalog_listener, shutdown),
+    )?;
     Ok(())
 }
 
@@ -150,6 +172,15 @@ async fn auth(settings: Settings) -> anyhow::Result<()> {
     let listener = bind(settings.auth.listen_addr, "FLASHMESH_AUTH_ADDR").await?;
     tracing::info!(addr = %listener.local_addr()?, "auth service listening");
     let app = AuthApp::build(&settings.platform, settings.auth, redis.as_ref()).await?;
+    app.serve(listener, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+async fn catalog(settings: Settings) -> anyhow::Result<()> {
+    let redis = settings.redis().await?;
+    let listener = bind(settings.catalog.listen_addr, "FLASHMESH_CATALOG_ADDR").await?;
+    tracing::info!(addr = %listener.local_addr()?, "catalog service listening");
+    let app = CatalogApp::build(&settings.platform, settings.catalog, redis.as_ref()).await?;
     app.serve(listener, shutdown_on_signal()).await?;
     Ok(())
 }

@@ -16,6 +16,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_flashmesh");
 
 on_both_backends!(
     up_serves_auth_to_grpcurl,
+    grpcurl_creates_a_deal_and_watches_it,
     python_client_uses_the_contracts,
     admin_command_creates_and_promotes_admins,
 );
@@ -30,6 +31,7 @@ fn flashmesh(stack: &StackEnv, args: &[&str]) -> Command {
         .env_remove("REDIS_URL")
         .env("RUST_LOG", "warn")
         .env("FLASHMESH_AUTH_ADDR", "127.0.0.1:0")
+        .env("FLASHMESH_CATALOG_ADDR", "127.0.0.1:0")
         .envs(stack.vars())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -42,6 +44,7 @@ fn flashmesh(stack: &StackEnv, args: &[&str]) -> Command {
 struct Stack {
     child: Child,
     auth_addr: String,
+    catalog_addr: String,
 }
 
 impl Stack {
@@ -51,19 +54,27 @@ impl Stack {
             .expect("spawn flashmesh up");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let auth_addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let (auth_addr, catalog_addr) = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut auth = None;
             while let Some(line) = lines.next_line().await.expect("read stdout") {
                 if let Some(addr) = line.trim().strip_prefix("auth     grpc://") {
-                    return addr.to_owned();
+                    auth = Some(addr.to_owned());
+                }
+                if let Some(addr) = line.trim().strip_prefix("catalog  grpc://") {
+                    return (auth.expect("auth is printed first"), addr.to_owned());
                 }
             }
-            panic!("flashmesh up exited without printing the auth address");
+            panic!("flashmesh up exited without printing the service addresses");
         })
         .await
         .expect("flashmesh up starts within 30 s");
         // Keep reading so the child never writes into a closed pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, auth_addr }
+        Self {
+            child,
+            auth_addr,
+            catalog_addr,
+        }
     }
 
     /// SIGTERM, then the exit status must be success (a graceful drain).
@@ -216,6 +227,97 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
     ])
     .await;
     assert!(ok && described.contains("rpc GetJwks"), "{described}");
+    stack.stop().await;
+}
+
+/// Creates an admin with `flashmesh admin` and returns its credentials.
+async fn create_admin(env: &StackEnv) -> String {
+    let email = common::unique_email();
+    let mut admin = flashmesh(env, &["admin", "--email", &email])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn admin");
+    let mut stdin = admin.stdin.take().expect("stdin");
+    stdin.write_all(b"admin password 1\n").await.unwrap();
+    drop(stdin);
+    let output = admin.wait_with_output().await.expect("admin finishes");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::json!({"email": email, "password": "admin password 1"}).to_string()
+}
+
+async fn grpcurl_creates_a_deal_and_watches_it(backend: Backend) {
+    let env = StackEnv::new(backend).await;
+    let admin = create_admin(&env).await;
+    let stack = Stack::up(&env).await;
+    let login = grpcurl_json(&[
+        "-plaintext",
+        "-d",
+        &admin,
+        &stack.auth_addr,
+        "flashmesh.auth.v1.AuthService/Login",
+    ])
+    .await;
+    let bearer = format!(
+        "authorization: Bearer {}",
+        login["tokens"]["accessToken"].as_str().expect("token")
+    );
+    let catalog = stack.catalog_addr.as_str();
+    let product = grpcurl_json(&[
+        "-plaintext",
+        "-rpc-header",
+        &bearer,
+        "-d",
+        r#"{"name":"Mechanical keyboard","price_cents":12900}"#,
+        catalog,
+        "flashmesh.catalog.v1.CatalogService/CreateProduct",
+    ])
+    .await;
+    let at = |offset: i64| {
+        (chrono::Utc::now() + chrono::Duration::seconds(offset))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    let deal_request = serde_json::json!({
+        "product_id": product["product"]["id"],
+        "price_cents": 9900,
+        "stock": 50,
+        "per_user_limit": 2,
+        "starts_at": at(-1),
+        "ends_at": at(3),
+    });
+    let deal = grpcurl_json(&[
+        "-plaintext",
+        "-rpc-header",
+        &bearer,
+        "-d",
+        &deal_request.to_string(),
+        catalog,
+        "flashmesh.catalog.v1.CatalogService/CreateDeal",
+    ])
+    .await;
+    assert_eq!(deal["deal"]["state"], "DEAL_STATE_ACTIVE");
+    assert_eq!(deal["deal"]["remainingStock"], 50);
+
+    // The stream ends by itself once the deal ends, and grpcurl with it.
+    let watch = serde_json::json!({"id": deal["deal"]["id"]}).to_string();
+    let (ok, events) = tokio::time::timeout(
+        Duration::from_secs(20),
+        grpcurl(&[
+            "-plaintext",
+            "-d",
+            &watch,
+            catalog,
+            "flashmesh.catalog.v1.CatalogService/WatchDeal",
+        ]),
+    )
+    .await
+    .expect("WatchDeal ends when the deal ends");
+    assert!(ok, "{events}");
+    assert!(events.contains("DEAL_EVENT_TYPE_SNAPSHOT"), "{events}");
+    assert!(events.contains("DEAL_STATE_ENDED"), "{events}");
     stack.stop().await;
 }
 
@@ -374,6 +476,7 @@ fn readme_documents_every_configuration_variable() {
     for source in [
         "crates/platform/src/config.rs",
         "services/auth/src/config.rs",
+        "services/catalog/src/config.rs",
     ] {
         let code = std::fs::read_to_string(repo_root().join(source)).expect("config source");
         for var in env_vars_in(&code) {
