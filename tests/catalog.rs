@@ -18,6 +18,102 @@ on_both_backends!(
     lists_page_with_signed_tokens,
 );
 
+/// Deletes every key of this test's Redis prefix: a flush of our own data,
+/// leaving other tests' keys alone.
+async fn flush_redis(env: &StackEnv) -> usize {
+    let prefix = env
+        .vars()
+        .find(|(k, _)| *k == "FLASHMESH_REDIS_KEY_PREFIX")
+        .map(|(_, v)| v.to_owned())
+        .expect("postgres backend has a prefix");
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        redis::cmd("DEL")
+            .arg(&keys)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    keys.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushed_mid_sale_rebuilds_the_gate_from_the_database() {
+    let mut env = StackEnv::new(Backend::Postgres).await;
+    env.set("FLASHMESH_CONCURRENCY_LIMIT", "10000");
+    let stack = env.start_catalog().await;
+    let mut client = client(&stack).await;
+    let deal = create_deal(&mut client, &stack.admin_token, 100, 2, open_window()).await;
+
+    let wave = |users: std::ops::Range<usize>| {
+        let client = client.clone();
+        let deal_id = deal.id.clone();
+        let token = stack.order_token.clone();
+        join_all(users.map(move |i| {
+            let mut client = client.clone();
+            let request = reserve(
+                &deal_id,
+                &format!("user-{}", i % 300),
+                1,
+                &uuid::Uuid::new_v4().to_string(),
+                &token,
+            );
+            async move {
+                client
+                    .reserve_stock(request)
+                    .await
+                    .map(|_| format!("user-{}", i % 300))
+            }
+        }))
+    };
+    // Half the stock goes before the flush, the rest races it.
+    let first = wave(0..50).await;
+    assert_eq!(first.iter().filter(|r| r.is_ok()).count(), 50);
+    let racing = tokio::spawn(wave(50..2_050));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(flush_redis(&env).await > 0, "the gate had keys to lose");
+    let second = racing.await.unwrap();
+
+    let mut held: HashMap<String, i32> = HashMap::new();
+    for user in first.into_iter().chain(second).filter_map(Result::ok) {
+        *held.entry(user).or_default() += 1;
+    }
+    assert_eq!(held.values().sum::<i32>(), 100, "exactly the stock is sold");
+    assert!(held.values().all(|&units| units <= 2));
+    assert_eq!(
+        stack
+            .catalog
+            .service
+            .fresh_deal(&deal.id)
+            .await
+            .unwrap()
+            .remaining_stock,
+        0
+    );
+
+    // The gate was rebuilt: late buyers are refused without a database write.
+    let counts = stack.catalog.service.store().counts();
+    let writes = counts.writes();
+    let late = client
+        .reserve_stock(reserve(
+            &deal.id,
+            "late",
+            1,
+            &uuid::Uuid::new_v4().to_string(),
+            &stack.order_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&late), "SOLD_OUT");
+    assert_eq!(counts.writes(), writes);
+}
+
 fn now_ms() -> i64 {
     i64::try_from(
         std::time::SystemTime::now()
