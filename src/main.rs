@@ -47,6 +47,14 @@ enum Command {
         #[arg(long, default_value = "")]
         display_name: String,
     },
+    /// Print an access token for another service (`role=service`), e.g. the
+    /// order service's token for ReserveStock. Needs the signing key.
+    Token {
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
     /// Manage the generated token signing keys (embedded mode).
     Keys {
         #[command(subcommand)]
@@ -111,6 +119,11 @@ async fn main() -> anyhow::Result<()> {
             email,
             display_name,
         } => admin(settings, &email, &display_name).await,
+        Command::Token { service, ttl } => {
+            let app = AuthApp::build(&settings.platform, settings.auth, None).await?;
+            println!("{}", app.service.issue_service_token(&service, ttl)?);
+            Ok(())
+        }
         Command::Keys {
             command: KeysCommand::Rotate,
         } => {
