@@ -166,6 +166,14 @@ impl StackEnv {
         self.env.vars()
     }
 
+    /// This test's Redis key prefix (Postgres backend).
+    pub fn redis_prefix(&self) -> String {
+        self.env
+            .raw("FLASHMESH_REDIS_KEY_PREFIX")
+            .expect("the postgres backend sets a prefix")
+            .to_owned()
+    }
+
     pub fn key_dir(&self) -> PathBuf {
         self.data_dir.path().join("auth-keys")
     }

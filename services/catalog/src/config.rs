@@ -22,6 +22,11 @@ pub struct CatalogConfig {
     /// `FLASHMESH_WATCH_MIN_INTERVAL`: WatchDeal sends at most one stock
     /// update per interval per watcher; changes in between are coalesced.
     pub watch_min_interval: Duration,
+    /// `FLASHMESH_WARM_AHEAD`: deals starting within this long are prepared
+    /// (gate seeded, cache loaded) before they start.
+    pub warm_ahead: Duration,
+    /// `FLASHMESH_WARM_INTERVAL`: how often upcoming deals are prepared.
+    pub warm_interval: Duration,
 }
 
 pub const DEFAULT_ADDR: SocketAddr =
@@ -43,6 +48,8 @@ impl CatalogConfig {
             cache_l2_ttl: env.duration_or("FLASHMESH_CACHE_L2_TTL", Duration::from_millis(500))?,
             watch_min_interval: env
                 .duration_or("FLASHMESH_WATCH_MIN_INTERVAL", Duration::from_millis(200))?,
+            warm_ahead: env.duration_or("FLASHMESH_WARM_AHEAD", Duration::from_secs(60))?,
+            warm_interval: env.duration_or("FLASHMESH_WARM_INTERVAL", Duration::from_secs(5))?,
         })
     }
 }

@@ -58,6 +58,7 @@ pub enum StartError {
 /// A ready-to-serve catalog service.
 pub struct CatalogApp {
     pub service: Arc<CatalogService>,
+    config: CatalogConfig,
     verifier: Arc<TokenVerifier>,
     platform: PlatformConfig,
     db: Database,
@@ -90,7 +91,7 @@ impl CatalogApp {
             redis.map(|redis| StockGate::new(redis.clone(), config.stock_gate_ttl)),
             DealFeed::new(bus).await,
             PageTokens::configured(platform.page_token_secret.as_deref(), &platform.data_dir)?,
-            config,
+            config.clone(),
         );
         let verifier = TokenVerifier::new(
             Arc::new(AuthServiceKeys::new(&platform.auth_url)?),
@@ -98,24 +99,52 @@ impl CatalogApp {
         );
         Ok(Self {
             service: Arc::new(service),
+            config,
             verifier: Arc::new(verifier),
             platform: platform.clone(),
             db,
         })
     }
 
-    /// Serves gRPC on `listener` until `shutdown` is cancelled.
+    /// Serves gRPC on `listener` until `shutdown` is cancelled, preparing
+    /// upcoming deals in the background meanwhile.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
+        let warmer = tokio::spawn(prepare_upcoming_deals(
+            self.service.clone(),
+            self.config.warm_ahead,
+            self.config.warm_interval,
+            shutdown.clone(),
+        ));
         let served = GrpcServer::new(&self.platform.server)
             .with_identity(self.verifier)
             .add_service(CatalogServiceServer::new(CatalogGrpc::new(self.service)))
             .serve(listener, shutdown)
             .await;
+        warmer.abort();
         self.db.close().await;
         served
+    }
+}
+
+async fn prepare_upcoming_deals(
+    service: Arc<CatalogService>,
+    ahead: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(e) = service.prepare_upcoming(ahead).await {
+            tracing::warn!(error = %e, "upcoming deals not prepared");
+        }
     }
 }

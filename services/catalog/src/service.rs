@@ -530,6 +530,39 @@ impl CatalogService {
             .await;
     }
 
+    /// Gets deals that start within `ahead` ready for their rush: the stock
+    /// gate seeded from the database and the deal loaded into the cache, so
+    /// the first second of a sale does not start with every replica missing.
+    pub async fn prepare_upcoming(
+        &self,
+        ahead: std::time::Duration,
+    ) -> Result<usize, CatalogError> {
+        let now = now_ms();
+        let horizon = now.saturating_add(i64::try_from(ahead.as_millis()).unwrap_or(i64::MAX));
+        let upcoming = self
+            .store
+            .deals(
+                &[DealState::Scheduled, DealState::Active],
+                None,
+                None,
+                1_000,
+                now,
+            )
+            .await?;
+        let mut prepared = 0;
+        for deal in upcoming.iter().filter(|deal| deal.starts_at <= horizon) {
+            if let Some(gate) = &self.gate {
+                let (remaining, holdings) = self.store.holdings(&deal.id).await?;
+                if let Err(e) = gate.seed(&deal.id, remaining, &holdings).await {
+                    tracing::warn!(error = %e, deal_id = deal.id, "stock gate not seeded ahead of the sale");
+                }
+            }
+            self.cached_deal(&deal.id).await?;
+            prepared += 1;
+        }
+        Ok(prepared)
+    }
+
     async fn invalidate_product(&self, id: &str) {
         if let Err(e) = self.products.invalidate(id).await {
             tracing::warn!(error = %e, id, "product cache invalidation incomplete");
