@@ -116,13 +116,7 @@ async fn redis_flushed_mid_sale_rebuilds_the_gate_from_the_database() {
     // still in flight may sit above the truth until its TTL: it then costs
     // database work, never stock.)
     let late = client
-        .reserve_stock(reserve(
-            &deal.id,
-            "late",
-            1,
-            &uuid::Uuid::new_v4().to_string(),
-            &stack.order_token,
-        ))
+        .reserve_stock(new_reservation(&deal.id, "late", 1, &stack.order_token))
         .await
         .unwrap_err();
     assert_eq!(reason(&late), "SOLD_OUT");
@@ -220,6 +214,22 @@ fn reserve(
             quantity,
             reservation_id: reservation_id.into(),
         },
+        token,
+    )
+}
+
+/// A ReserveStock under a fresh reservation id.
+fn new_reservation(
+    deal_id: &str,
+    user: &str,
+    quantity: i32,
+    token: &str,
+) -> tonic::Request<pb::ReserveStockRequest> {
+    reserve(
+        deal_id,
+        user,
+        quantity,
+        &uuid::Uuid::new_v4().to_string(),
         token,
     )
 }
@@ -387,13 +397,7 @@ async fn products_and_deals_need_an_admin_and_valid_input(backend: Backend) {
 
     // Only the order service may take stock.
     let by_user = client
-        .reserve_stock(reserve(
-            &deal.id,
-            "u",
-            1,
-            &uuid::Uuid::new_v4().to_string(),
-            &user.access_token,
-        ))
+        .reserve_stock(new_reservation(&deal.id, "u", 1, &user.access_token))
         .await
         .unwrap_err();
     assert_eq!(by_user.code(), Code::PermissionDenied);
@@ -584,25 +588,13 @@ async fn cold_reads_are_single_flight_and_sold_out_skips_the_database(backend: B
 
     // Sell out, then 1,000 more buyers.
     client
-        .reserve_stock(reserve(
-            &deal.id,
-            "whale",
-            5,
-            &uuid::Uuid::new_v4().to_string(),
-            &stack.order_token,
-        ))
+        .reserve_stock(new_reservation(&deal.id, "whale", 5, &stack.order_token))
         .await
         .expect("takes the whole stock");
     let writes_before = counts.writes();
     let late = join_all((0..1_000).map(|i| {
         let mut client = client.clone();
-        let request = reserve(
-            &deal.id,
-            &format!("late-{i}"),
-            1,
-            &uuid::Uuid::new_v4().to_string(),
-            &stack.order_token,
-        );
+        let request = new_reservation(&deal.id, &format!("late-{i}"), 1, &stack.order_token);
         async move { client.reserve_stock(request).await }
     }))
     .await;
@@ -650,11 +642,10 @@ async fn watch_deal_streams_a_snapshot_then_changes_and_ends(backend: Backend) {
 
     for units in [3, 7] {
         client
-            .reserve_stock(reserve(
+            .reserve_stock(new_reservation(
                 &deal.id,
                 &format!("u{units}"),
                 units,
-                &uuid::Uuid::new_v4().to_string(),
                 &stack.order_token,
             ))
             .await
@@ -771,18 +762,22 @@ async fn deals_about_to_start_are_prepared_and_changes_reach_other_replicas() {
     let replica = env.start_catalog_replica().await;
     let mut client = client(&stack).await;
     let now = now_ms();
+    let starts_at = now + 3_000;
     let deal = create_deal(
         &mut client,
         &stack.admin_token,
         20,
         20,
-        (now + 1_500, now + 60_000),
+        (starts_at, now + 60_000),
     )
     .await;
 
     // Before the sale starts, a replica has seeded the stock gate.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let gate = gate_remaining(&env, &deal.id).await;
+    let mut gate = None;
+    while gate.is_none() && now_ms() < starts_at {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate = gate_remaining(&env, &deal.id).await;
+    }
     assert_eq!(gate, Some(20), "the gate is seeded before the deal starts");
 
     // 1,000 watchers on the other replica see a sale made through this one.
@@ -800,17 +795,12 @@ async fn deals_about_to_start_are_prepared_and_changes_reach_other_replicas() {
     }
     for stream in &mut streams {
         let snapshot = stream.next().await.unwrap().unwrap().event.unwrap();
-        assert_eq!(snapshot.state(), pb::DealState::Scheduled);
+        assert_eq!(snapshot.r#type(), pb::DealEventType::Snapshot);
     }
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let until_start = u64::try_from(starts_at + 100 - now_ms()).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(until_start)).await;
     client
-        .reserve_stock(reserve(
-            &deal.id,
-            "buyer",
-            5,
-            &uuid::Uuid::new_v4().to_string(),
-            &stack.order_token,
-        ))
+        .reserve_stock(new_reservation(&deal.id, "buyer", 5, &stack.order_token))
         .await
         .expect("reserve on the first replica");
     let latest = join_all(streams.iter_mut().map(|stream| async move {

@@ -230,8 +230,9 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
     stack.stop().await;
 }
 
-/// Creates an admin with `flashmesh admin` and returns its credentials.
-async fn create_admin(env: &StackEnv) -> String {
+/// Creates an admin with `flashmesh admin`; returns its email and its
+/// credentials as a Login request body.
+async fn create_admin(env: &StackEnv) -> (String, String) {
     let email = common::unique_email();
     let mut admin = flashmesh(env, &["admin", "--email", &email])
         .stdin(Stdio::piped())
@@ -246,12 +247,14 @@ async fn create_admin(env: &StackEnv) -> String {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::json!({"email": email, "password": "admin password 1"}).to_string()
+    let credentials =
+        serde_json::json!({"email": email, "password": "admin password 1"}).to_string();
+    (email, credentials)
 }
 
 async fn grpcurl_creates_a_deal_and_watches_it(backend: Backend) {
     let env = StackEnv::new(backend).await;
-    let admin = create_admin(&env).await;
+    let (_, admin) = create_admin(&env).await;
     let stack = Stack::up(&env).await;
     let login = grpcurl_json(&[
         "-plaintext",
@@ -342,25 +345,8 @@ async fn python_client_uses_the_contracts(backend: Backend) {
 
 async fn admin_command_creates_and_promotes_admins(backend: Backend) {
     let env = StackEnv::new(backend).await;
-    let email = common::unique_email();
-
-    let mut admin = flashmesh(&env, &["admin", "--email", &email])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("spawn admin");
-    let mut stdin = admin.stdin.take().expect("stdin");
-    stdin.write_all(b"admin password 1\n").await.unwrap();
-    drop(stdin);
-    let output = admin.wait_with_output().await.expect("admin finishes");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-
+    let (_, credentials) = create_admin(&env).await;
     let stack = Stack::up(&env).await;
-    let credentials =
-        serde_json::json!({"email": email, "password": "admin password 1"}).to_string();
     let logged_in = grpcurl_json(&[
         "-plaintext",
         "-d",
@@ -425,7 +411,7 @@ async fn bad_configuration_fails_start_up_naming_the_variable() {
 }
 
 #[tokio::test]
-async fn migrate_creates_the_auth_schema_in_postgres() {
+async fn migrate_creates_each_service_schema_in_postgres() {
     let env = StackEnv::new(Backend::Postgres).await;
     let output = flashmesh(&env, &["migrate"]).output().await.expect("run");
     assert!(
@@ -437,15 +423,30 @@ async fn migrate_creates_the_auth_schema_in_postgres() {
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url)
         .await
         .unwrap();
-    let tables: Vec<(String,)> = sqlx::query_as(
-        "SELECT table_name::text FROM information_schema.tables \
-         WHERE table_schema = 'auth' ORDER BY table_name",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    let tables: Vec<_> = tables.into_iter().map(|(t,)| t).collect();
-    assert_eq!(tables, ["_sqlx_migrations", "refresh_tokens", "users"]);
+    for (schema, expected) in [
+        ("auth", &["_sqlx_migrations", "refresh_tokens", "users"][..]),
+        (
+            "catalog",
+            &[
+                "_sqlx_migrations",
+                "deal_holdings",
+                "deals",
+                "products",
+                "reservations",
+            ],
+        ),
+    ] {
+        let tables: Vec<(String,)> = sqlx::query_as(
+            "SELECT table_name::text FROM information_schema.tables \
+             WHERE table_schema = $1 ORDER BY table_name",
+        )
+        .bind(schema)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let tables: Vec<_> = tables.into_iter().map(|(t,)| t).collect();
+        assert_eq!(tables, expected, "{schema}");
+    }
 }
 
 #[test]
