@@ -88,6 +88,12 @@ impl CatalogApp {
             Arc::new(CatalogStore::new(db.pool().clone())),
             TieredCache::new(cache_config("catalog:product", &config), redis, bus.clone()).await,
             TieredCache::new(cache_config("catalog:deal", &config), redis, bus.clone()).await,
+            TieredCache::new(
+                cache_config("catalog:deal-page", &config),
+                redis,
+                bus.clone(),
+            )
+            .await,
             redis.map(|redis| StockGate::new(redis.clone(), config.stock_gate_ttl)),
             DealFeed::new(bus).await,
             PageTokens::configured(platform.page_token_secret.as_deref(), &platform.data_dir)?,

@@ -27,6 +27,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// One page of a list and the token for the next.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_page_token: String,
@@ -77,6 +78,7 @@ pub struct CatalogService {
     store: Arc<CatalogStore>,
     products: TieredCache<Product>,
     deals: TieredCache<Deal>,
+    deal_pages: TieredCache<Page<Deal>>,
     gate: Option<StockGate>,
     feed: DealFeed,
     page_tokens: PageTokens,
@@ -96,6 +98,7 @@ impl CatalogService {
         store: Arc<CatalogStore>,
         products: TieredCache<Product>,
         deals: TieredCache<Deal>,
+        deal_pages: TieredCache<Page<Deal>>,
         gate: Option<StockGate>,
         feed: DealFeed,
         page_tokens: PageTokens,
@@ -105,6 +108,7 @@ impl CatalogService {
             store,
             products,
             deals,
+            deal_pages,
             gate,
             feed,
             page_tokens,
@@ -295,28 +299,43 @@ impl CatalogService {
             product_id.as_deref().unwrap_or_default()
         );
         let after: Option<DealPageCursor> = self.decode_token(&query, token)?;
-        let cursor = after.map(|c| DealCursor {
-            starts_at: c.starts_at,
-            id: c.id,
-        });
-        let mut items = self
-            .store
-            .deals(
-                &states,
-                product_id.as_deref(),
-                cursor.as_ref(),
-                i64::from(size) + 1,
-                now_ms(),
-            )
-            .await?;
-        let next_page_token = self.next_token(&query, &mut items, size, |last| DealPageCursor {
-            starts_at: last.starts_at,
-            id: last.id.clone(),
-        });
-        Ok(Page {
-            items,
-            next_page_token,
-        })
+        // Pages are cached like single deals (same staleness bound); a burst
+        // of identical listings makes one query.
+        let key = format!("{query}&size={size}&after={token}");
+        let page = self
+            .deal_pages
+            .get(&key, || async {
+                let cursor = after.map(|c| DealCursor {
+                    starts_at: c.starts_at,
+                    id: c.id,
+                });
+                let mut items = self
+                    .store
+                    .deals(
+                        &states,
+                        product_id.as_deref(),
+                        cursor.as_ref(),
+                        i64::from(size) + 1,
+                        now_ms(),
+                    )
+                    .await?;
+                let next_page_token =
+                    self.next_token(&query, &mut items, size, |last| DealPageCursor {
+                        starts_at: last.starts_at,
+                        id: last.id.clone(),
+                    });
+                Ok::<_, CatalogError>(Some(Page {
+                    items,
+                    next_page_token,
+                }))
+            })
+            .await
+            .map_err(CatalogError::unshare)?;
+        // The loader always yields a page; an empty one stands in regardless.
+        Ok(page.unwrap_or_else(|| Page {
+            items: Vec::new(),
+            next_page_token: String::new(),
+        }))
     }
 
     fn decode_token<T: serde::de::DeserializeOwned>(
