@@ -35,8 +35,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::CatalogConfig, feed::DealFeed, gate::StockGate, service::CatalogService,
-    storage::CatalogStore, transport::CatalogGrpc,
+    config::CatalogConfig,
+    feed::DealFeed,
+    gate::StockGate,
+    service::{CatalogService, ReadCaches},
+    storage::CatalogStore,
+    transport::CatalogGrpc,
 };
 
 /// The catalog schema's migrations, embedded in the binary.
@@ -84,16 +88,25 @@ impl CatalogApp {
         let db = Database::connect(platform, SCHEMA).await?;
         db.migrate(&MIGRATOR).await?;
         let bus = bus(redis);
-        let service = CatalogService::new(
-            Arc::new(CatalogStore::new(db.pool().clone())),
-            TieredCache::new(cache_config("catalog:product", &config), redis, bus.clone()).await,
-            TieredCache::new(cache_config("catalog:deal", &config), redis, bus.clone()).await,
-            TieredCache::new(
+        let caches = ReadCaches {
+            products: TieredCache::new(
+                cache_config("catalog:product", &config),
+                redis,
+                bus.clone(),
+            )
+            .await,
+            deals: TieredCache::new(cache_config("catalog:deal", &config), redis, bus.clone())
+                .await,
+            deal_pages: TieredCache::new(
                 cache_config("catalog:deal-page", &config),
                 redis,
                 bus.clone(),
             )
             .await,
+        };
+        let service = CatalogService::new(
+            Arc::new(CatalogStore::new(db.pool().clone())),
+            caches,
             redis.map(|redis| StockGate::new(redis.clone(), config.stock_gate_ttl)),
             DealFeed::new(bus).await,
             PageTokens::configured(platform.page_token_secret.as_deref(), &platform.data_dir)?,

@@ -74,6 +74,13 @@ struct DealPageCursor {
     id: String,
 }
 
+/// The tiered caches in front of the catalog's reads.
+pub struct ReadCaches {
+    pub products: TieredCache<Product>,
+    pub deals: TieredCache<Deal>,
+    pub deal_pages: TieredCache<Page<Deal>>,
+}
+
 pub struct CatalogService {
     store: Arc<CatalogStore>,
     products: TieredCache<Product>,
@@ -96,9 +103,7 @@ fn require_admin(caller: &Caller) -> Result<(), CatalogError> {
 impl CatalogService {
     pub fn new(
         store: Arc<CatalogStore>,
-        products: TieredCache<Product>,
-        deals: TieredCache<Deal>,
-        deal_pages: TieredCache<Page<Deal>>,
+        caches: ReadCaches,
         gate: Option<StockGate>,
         feed: DealFeed,
         page_tokens: PageTokens,
@@ -106,9 +111,9 @@ impl CatalogService {
     ) -> Self {
         Self {
             store,
-            products,
-            deals,
-            deal_pages,
+            products: caches.products,
+            deals: caches.deals,
+            deal_pages: caches.deal_pages,
             gate,
             feed,
             page_tokens,
