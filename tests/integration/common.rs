@@ -7,11 +7,9 @@
 //! `REDIS_URL`, defaulting to the local servers; when they are unreachable the
 //! test fails, it never skips.
 
-#![allow(dead_code)] // each test binary uses its own subset
-
 use std::{net::SocketAddr, path::PathBuf, process::Command, sync::OnceLock};
 
-use flashmesh_auth::{AuthApp, config::AuthConfig, service::AuthService};
+use flashmesh_auth::{AuthApp, config::AuthConfig};
 use flashmesh_catalog::{CatalogApp, config::CatalogConfig, service::CatalogService};
 use flashmesh_platform::{
     config::{Env, PlatformConfig},
@@ -37,7 +35,6 @@ pub enum Backend {
 }
 
 /// Generates one `#[tokio::test]` per backend for each `async fn(Backend)`.
-#[macro_export]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -120,7 +117,6 @@ pub fn redis_url() -> String {
 /// The configuration a test stack runs with: cheap argon2 so tests are fast,
 /// a temp data dir, and for `Postgres` a fresh database and Redis prefix.
 pub struct StackEnv {
-    pub backend: Backend,
     pub env: Env,
     pub data_dir: tempfile::TempDir,
     pub database: Option<TestDatabase>,
@@ -149,7 +145,6 @@ impl StackEnv {
             }
         };
         Self {
-            backend,
             env,
             data_dir,
             database,
@@ -230,7 +225,6 @@ impl StackEnv {
         CatalogStack {
             auth,
             catalog,
-            accounts,
             admin_token: admin.access_token,
             order_token,
         }
@@ -279,7 +273,6 @@ pub struct CatalogReplica {
 pub struct CatalogStack {
     pub auth: RunningService,
     pub catalog: CatalogReplica,
-    pub accounts: AuthService,
     pub admin_token: String,
     pub order_token: String,
 }

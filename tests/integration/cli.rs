@@ -1,11 +1,9 @@
 //! The `flashmesh` binary as users run it, driven by the clients they use:
 //! grpcurl, a Python grpcio client, buf.
 
-mod common;
-
 use std::{process::Stdio, time::Duration};
 
-use common::{Backend, StackEnv, repo_root, tools};
+use crate::common::{Backend, StackEnv, repo_root, tools};
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -132,8 +130,9 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
     let health = grpcurl_json(&["-plaintext", addr, "grpc.health.v1.Health/Check"]).await;
     assert_eq!(health["status"], "SERVING");
 
-    let email = common::unique_email();
-    let credentials = serde_json::json!({"email": email, "password": common::PASSWORD}).to_string();
+    let email = crate::common::unique_email();
+    let credentials =
+        serde_json::json!({"email": email, "password": crate::common::PASSWORD}).to_string();
     let signed_up = grpcurl_json(&[
         "-plaintext",
         "-d",
@@ -233,7 +232,7 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
 /// Creates an admin with `flashmesh admin`; returns its email and its
 /// credentials as a Login request body.
 async fn create_admin(env: &StackEnv) -> (String, String) {
-    let email = common::unique_email();
+    let email = crate::common::unique_email();
     let mut admin = flashmesh(env, &["admin", "--email", &email])
         .stdin(Stdio::piped())
         .spawn()
@@ -357,9 +356,9 @@ async fn admin_command_creates_and_promotes_admins(backend: Backend) {
     .await;
     assert_eq!(logged_in["user"]["role"], "ROLE_ADMIN");
 
-    let user = common::unique_email();
+    let user = crate::common::unique_email();
     let user_credentials =
-        serde_json::json!({"email": user, "password": common::PASSWORD}).to_string();
+        serde_json::json!({"email": user, "password": crate::common::PASSWORD}).to_string();
     let signed_up = grpcurl_json(&[
         "-plaintext",
         "-d",

@@ -1,10 +1,8 @@
 //! The catalog service over real gRPC, on both backends.
 
-mod common;
-
 use std::{collections::HashMap, time::Duration};
 
-use common::{Backend, CatalogStack, StackEnv, reason, violated_fields, with_bearer};
+use crate::common::{Backend, CatalogStack, StackEnv, reason, violated_fields, with_bearer};
 use flashmesh_platform::time::timestamp_from_millis;
 use flashmesh_proto::catalog::v1::{self as pb, catalog_service_client::CatalogServiceClient};
 use futures::{StreamExt, future::join_all};
@@ -19,7 +17,7 @@ on_both_backends!(
 );
 
 async fn redis_connection() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(common::redis_url())
+    redis::Client::open(crate::common::redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
@@ -238,7 +236,7 @@ async fn products_and_deals_need_an_admin_and_valid_input(backend: Backend) {
     let mut env = StackEnv::new(backend).await;
     let stack = env.start_catalog().await;
     let mut client = client(&stack).await;
-    let (_, user) = common::sign_up(&mut stack.auth.auth_client().await).await;
+    let (_, user) = crate::common::sign_up(&mut stack.auth.auth_client().await).await;
 
     let request = || pb::CreateProductRequest {
         name: "Kettle".into(),

@@ -1,7 +1,5 @@
 //! The auth service over real gRPC, on both backends.
 
-mod common;
-
 use std::{
     sync::{
         Arc,
@@ -10,7 +8,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use common::{
+use crate::common::{
     Backend, PASSWORD, StackEnv, login, reason, sign_up, unique_email, violated_fields, with_bearer,
 };
 use flashmesh_auth::{

@@ -1,0 +1,10 @@
+//! Integration tests: real services on loopback ports, real PostgreSQL and
+//! Redis, real clients. One test binary, so the helpers are shared and the
+//! suite links once.
+
+#[macro_use]
+mod common;
+
+mod auth;
+mod catalog;
+mod cli;
