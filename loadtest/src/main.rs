@@ -54,27 +54,108 @@ enum Bench {
         #[arg(long, default_value_t = 2_000)]
         rush_stock: i32,
     },
+    /// Memory per WatchDeal watcher and the time for one change to reach
+    /// them all.
+    Watchers {
+        /// Concurrent WatchDeal streams on one deal.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli {
-        command:
-            Bench::Catalog {
+    let database_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    match Cli::parse().command {
+        Bench::Catalog {
+            duration,
+            reserve_callers,
+            read_callers,
+            rush_stock,
+        } => {
+            catalog(
+                &database_url,
+                &redis_url,
                 duration,
                 reserve_callers,
                 read_callers,
                 rush_stock,
-            },
-    } = Cli::parse();
-    let database_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+            )
+            .await
+        }
+        Bench::Watchers { count } => watchers(&database_url, &redis_url, count).await,
+    }
+}
 
+/// Opens `count` WatchDeal streams, reads the catalog process's RSS before
+/// and after, then times one stock change reaching every watcher.
+async fn watchers(database_url: &str, redis_url: &str, count: usize) -> anyhow::Result<()> {
+    let stack = Stack::up(Mode::RedisGate, database_url, redis_url).await?;
+    let deal = stack.create_deal(1_000_000, 1_000_000).await?;
+    let pid = stack.child.id().context("running")?;
+    // Streams per HTTP/2 connection stay well under the server's limit.
+    let clients = stack.catalog_clients(count.div_ceil(100).max(1)).await?;
+    let rss_before = rss_kib(pid)?;
+    let mut streams = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut client = clients[i % clients.len()].clone();
+        let mut stream = client
+            .watch_deal(pb::WatchDealRequest { id: deal.clone() })
+            .await?
+            .into_inner();
+        stream.message().await?.context("snapshot")?;
+        streams.push(stream);
+    }
+    let rss_after = rss_kib(pid)?;
+    let token = Arc::new(stack.order_token.clone());
+    let started = Instant::now();
+    reserve_call(&clients, &deal, &token, 0).await?;
+    let delivered = futures::future::join_all(
+        streams
+            .iter_mut()
+            .map(|stream| async move { matches!(stream.message().await, Ok(Some(_))) }),
+    )
+    .await;
+    let fan_out = started.elapsed();
+    let reached = delivered.iter().filter(|&&ok| ok).count();
+    println!("flashmesh-loadtest watchers --count {count}\n");
+    println!("| watchers | catalog RSS before | after | per watcher | one change reached | in |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {count} | {:.1} MiB | {:.1} MiB | {:.1} KiB | {reached} | {:.0} ms |",
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        rss_after.saturating_sub(rss_before) as f64 / count as f64,
+        fan_out.as_secs_f64() * 1000.0,
+    );
+    drop(streams);
+    stack.down().await
+}
+
+/// Resident set size of a process, from /proc.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/<pid>/status")
+}
+
+async fn catalog(
+    database_url: &str,
+    redis_url: &str,
+    duration: Duration,
+    reserve_callers: usize,
+    read_callers: usize,
+    rush_stock: i32,
+) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for mode in [Mode::RedisGate, Mode::DatabaseOnly, Mode::ColdCache] {
         eprintln!("== {} ==", mode.label());
-        let stack = Stack::up(mode, &database_url, &redis_url).await?;
+        let stack = Stack::up(mode, database_url, redis_url).await?;
         let catalog = stack.catalog_clients(8).await?;
         if mode == Mode::RedisGate {
             let health = stack.health_clients(8).await?;
