@@ -33,8 +33,6 @@ pub enum CatalogError {
     ReservationContended,
     #[error("storage failed")]
     Storage(#[from] sqlx::Error),
-    #[error("the stock gate failed")]
-    Gate(#[source] redis::RedisError),
     /// One failure handed to every caller that waited on the same cache load.
     #[error(transparent)]
     Shared(std::sync::Arc<CatalogError>),
@@ -60,9 +58,7 @@ impl DomainError for CatalogError {
             | Self::ReservationIdReused
             | Self::ReservationReleased => Code::FailedPrecondition,
             Self::ReservationContended => Code::Aborted,
-            Self::Storage(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) | Self::Gate(_) => {
-                Code::Unavailable
-            }
+            Self::Storage(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => Code::Unavailable,
             Self::Storage(_) => Code::Internal,
         }
     }
@@ -82,7 +78,6 @@ impl DomainError for CatalogError {
             Self::ReservationReleased => "RESERVATION_RELEASED",
             Self::ReservationContended => "REQUEST_IN_PROGRESS",
             Self::Storage(_) => "STORAGE_FAILURE",
-            Self::Gate(_) => "STOCK_GATE_UNAVAILABLE",
         }
     }
 
