@@ -103,10 +103,34 @@ async fn grpcurl(args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
-async fn grpcurl_json(args: &[&str]) -> Value {
-    let (ok, text) = grpcurl(args).await;
-    assert!(ok, "grpcurl {args:?} failed: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("grpcurl printed non-JSON ({e}): {text}"))
+/// Calls `method` on `addr` with grpcurl, with an optional JSON body and an
+/// optional `authorization` metadata line (sent on the call only, not on
+/// the reflection requests).
+async fn invoke(
+    addr: &str,
+    method: &str,
+    body: Option<&str>,
+    auth: Option<&str>,
+) -> (bool, String) {
+    let mut args = vec!["-plaintext"];
+    if let Some(auth) = auth {
+        args.extend(["-rpc-header", auth]);
+    }
+    if let Some(body) = body {
+        args.extend(["-d", body]);
+    }
+    args.extend([addr, method]);
+    grpcurl(&args).await
+}
+
+async fn invoke_json(addr: &str, method: &str, body: Option<&str>, auth: Option<&str>) -> Value {
+    let (ok, text) = invoke(addr, method, body, auth).await;
+    assert!(ok, "grpcurl {method} failed: {text}");
+    parse_json(&text)
+}
+
+fn parse_json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("grpcurl printed non-JSON ({e}): {text}"))
 }
 
 async fn up_serves_auth_to_grpcurl(backend: Backend) {
@@ -127,50 +151,46 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
         ]
     );
 
-    let health = grpcurl_json(&["-plaintext", addr, "grpc.health.v1.Health/Check"]).await;
+    let health = invoke_json(addr, "grpc.health.v1.Health/Check", None, None).await;
     assert_eq!(health["status"], "SERVING");
 
     let email = crate::common::unique_email();
     let credentials =
         serde_json::json!({"email": email, "password": crate::common::PASSWORD}).to_string();
-    let signed_up = grpcurl_json(&[
-        "-plaintext",
-        "-d",
-        &credentials,
+    let signed_up = invoke_json(
         addr,
         "flashmesh.auth.v1.AuthService/SignUp",
-    ])
+        Some(&credentials),
+        None,
+    )
     .await;
     assert_eq!(signed_up["user"]["email"], email.as_str());
-    let logged_in = grpcurl_json(&[
-        "-plaintext",
-        "-d",
-        &credentials,
+    let logged_in = invoke_json(
         addr,
         "flashmesh.auth.v1.AuthService/Login",
-    ])
+        Some(&credentials),
+        None,
+    )
     .await;
     let access = logged_in["tokens"]["accessToken"]
         .as_str()
         .expect("access token");
-    let me = grpcurl_json(&[
-        "-plaintext",
-        "-rpc-header",
-        &format!("authorization: Bearer {access}"),
+    let me = invoke_json(
         addr,
         "flashmesh.auth.v1.AuthService/GetMe",
-    ])
+        None,
+        Some(&format!("authorization: Bearer {access}")),
+    )
     .await;
     assert_eq!(me["user"]["id"], signed_up["user"]["id"]);
 
     let tampered = format!("{access}x");
-    let (ok, rejected) = grpcurl(&[
-        "-plaintext",
-        "-rpc-header",
-        &format!("authorization: Bearer {tampered}"),
+    let (ok, rejected) = invoke(
         addr,
         "flashmesh.auth.v1.AuthService/GetMe",
-    ])
+        None,
+        Some(&format!("authorization: Bearer {tampered}")),
+    )
     .await;
     assert!(!ok);
     assert!(rejected.contains("Code: Unauthenticated"), "{rejected}");
@@ -184,22 +204,20 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
         .as_str()
         .expect("refresh token");
     let refresh_body = serde_json::json!({"refresh_token": first}).to_string();
-    let rotated = grpcurl_json(&[
-        "-plaintext",
-        "-d",
-        &refresh_body,
+    let rotated = invoke_json(
         addr,
         "flashmesh.auth.v1.AuthService/Refresh",
-    ])
+        Some(&refresh_body),
+        None,
+    )
     .await;
     assert_ne!(rotated["tokens"]["refreshToken"].as_str(), Some(first));
-    let (ok, reused) = grpcurl(&[
-        "-plaintext",
-        "-d",
-        &refresh_body,
+    let (ok, reused) = invoke(
         addr,
         "flashmesh.auth.v1.AuthService/Refresh",
-    ])
+        Some(&refresh_body),
+        None,
+    )
     .await;
     assert!(!ok);
     assert!(
@@ -208,13 +226,12 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
     );
     let second =
         serde_json::json!({"refresh_token": rotated["tokens"]["refreshToken"]}).to_string();
-    let (ok, revoked) = grpcurl(&[
-        "-plaintext",
-        "-d",
-        &second,
+    let (ok, revoked) = invoke(
         addr,
         "flashmesh.auth.v1.AuthService/Refresh",
-    ])
+        Some(&second),
+        None,
+    )
     .await;
     assert!(!ok, "the family is revoked after reuse: {revoked}");
 
@@ -255,28 +272,24 @@ async fn grpcurl_creates_a_deal_and_watches_it(backend: Backend) {
     let env = StackEnv::new(backend).await;
     let (_, admin) = create_admin(&env).await;
     let stack = Stack::up(&env).await;
-    let login = grpcurl_json(&[
-        "-plaintext",
-        "-d",
-        &admin,
+    let login = invoke_json(
         &stack.auth_addr,
         "flashmesh.auth.v1.AuthService/Login",
-    ])
+        Some(&admin),
+        None,
+    )
     .await;
     let bearer = format!(
         "authorization: Bearer {}",
         login["tokens"]["accessToken"].as_str().expect("token")
     );
     let catalog = stack.catalog_addr.as_str();
-    let product = grpcurl_json(&[
-        "-plaintext",
-        "-rpc-header",
-        &bearer,
-        "-d",
-        r#"{"name":"Mechanical keyboard","price_cents":12900}"#,
+    let product = invoke_json(
         catalog,
         "flashmesh.catalog.v1.CatalogService/CreateProduct",
-    ])
+        Some(r#"{"name":"Mechanical keyboard","price_cents":12900}"#),
+        Some(&bearer),
+    )
     .await;
     let at = |offset: i64| {
         (chrono::Utc::now() + chrono::Duration::seconds(offset))
@@ -290,15 +303,12 @@ async fn grpcurl_creates_a_deal_and_watches_it(backend: Backend) {
         "starts_at": at(-1),
         "ends_at": at(3),
     });
-    let deal = grpcurl_json(&[
-        "-plaintext",
-        "-rpc-header",
-        &bearer,
-        "-d",
-        &deal_request.to_string(),
+    let deal = invoke_json(
         catalog,
         "flashmesh.catalog.v1.CatalogService/CreateDeal",
-    ])
+        Some(&deal_request.to_string()),
+        Some(&bearer),
+    )
     .await;
     assert_eq!(deal["deal"]["state"], "DEAL_STATE_ACTIVE");
     assert_eq!(deal["deal"]["remainingStock"], 50);
@@ -307,13 +317,12 @@ async fn grpcurl_creates_a_deal_and_watches_it(backend: Backend) {
     let watch = serde_json::json!({"id": deal["deal"]["id"]}).to_string();
     let (ok, events) = tokio::time::timeout(
         Duration::from_secs(20),
-        grpcurl(&[
-            "-plaintext",
-            "-d",
-            &watch,
+        invoke(
             catalog,
             "flashmesh.catalog.v1.CatalogService/WatchDeal",
-        ]),
+            Some(&watch),
+            None,
+        ),
     )
     .await
     .expect("WatchDeal ends when the deal ends");
@@ -346,26 +355,24 @@ async fn admin_command_creates_and_promotes_admins(backend: Backend) {
     let env = StackEnv::new(backend).await;
     let (_, credentials) = create_admin(&env).await;
     let stack = Stack::up(&env).await;
-    let logged_in = grpcurl_json(&[
-        "-plaintext",
-        "-d",
-        &credentials,
+    let logged_in = invoke_json(
         &stack.auth_addr,
         "flashmesh.auth.v1.AuthService/Login",
-    ])
+        Some(&credentials),
+        None,
+    )
     .await;
     assert_eq!(logged_in["user"]["role"], "ROLE_ADMIN");
 
     let user = crate::common::unique_email();
     let user_credentials =
         serde_json::json!({"email": user, "password": crate::common::PASSWORD}).to_string();
-    let signed_up = grpcurl_json(&[
-        "-plaintext",
-        "-d",
-        &user_credentials,
+    let signed_up = invoke_json(
         &stack.auth_addr,
         "flashmesh.auth.v1.AuthService/SignUp",
-    ])
+        Some(&user_credentials),
+        None,
+    )
     .await;
     assert_eq!(signed_up["user"]["role"], "ROLE_USER");
     let promoted = flashmesh(&env, &["admin", "--email", &user])
@@ -377,13 +384,12 @@ async fn admin_command_creates_and_promotes_admins(backend: Backend) {
         "{}",
         String::from_utf8_lossy(&promoted.stderr)
     );
-    let relogged = grpcurl_json(&[
-        "-plaintext",
-        "-d",
-        &user_credentials,
+    let relogged = invoke_json(
         &stack.auth_addr,
         "flashmesh.auth.v1.AuthService/Login",
-    ])
+        Some(&user_credentials),
+        None,
+    )
     .await;
     assert_eq!(relogged["user"]["role"], "ROLE_ADMIN");
     stack.stop().await;
