@@ -182,14 +182,7 @@ async fn catalog(
         if mode == Mode::RedisGate {
             rows.push(
                 run("GetDeal, cache hot", mode, read_callers, duration, |i| {
-                    let mut client = catalog[i % catalog.len()].clone();
-                    let id = deal.clone();
-                    async move {
-                        client
-                            .get_deal(pb::GetDealRequest { id })
-                            .await
-                            .map(|_| Outcome::Ok)
-                    }
+                    get_deal_call(&catalog, std::slice::from_ref(&deal), i)
                 })
                 .await,
             );
@@ -201,23 +194,13 @@ async fn catalog(
             for _ in 0..COLD_DEALS {
                 deals.push(stack.create_deal(10, 10).await?);
             }
-            let deals = Arc::new(deals);
             rows.push(
                 run(
                     "GetDeal, cache cold (1 ms TTL, 2,000 deals)",
                     mode,
                     read_callers,
                     duration,
-                    |i| {
-                        let mut client = catalog[i % catalog.len()].clone();
-                        let id = deals[i % deals.len()].clone();
-                        async move {
-                            client
-                                .get_deal(pb::GetDealRequest { id })
-                                .await
-                                .map(|_| Outcome::Ok)
-                        }
-                    },
+                    |i| get_deal_call(&catalog, &deals, i),
                 )
                 .await,
             );
@@ -250,6 +233,22 @@ async fn catalog(
     }
     print_report(&rows, duration, reserve_callers, read_callers);
     Ok(())
+}
+
+/// GetDeal of the `i`-th caller: deals and connections taken round-robin.
+fn get_deal_call(
+    catalog: &[CatalogServiceClient<Channel>],
+    deals: &[String],
+    i: usize,
+) -> impl std::future::Future<Output = Result<Outcome, tonic::Status>> + use<> {
+    let mut client = catalog[i % catalog.len()].clone();
+    let id = deals[i % deals.len()].clone();
+    async move {
+        client
+            .get_deal(pb::GetDealRequest { id })
+            .await
+            .map(|_| Outcome::Ok)
+    }
 }
 
 fn reserve_call(

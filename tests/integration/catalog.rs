@@ -167,6 +167,16 @@ async fn create_product(client: &mut CatalogServiceClient<Channel>, admin: &str)
         .expect("product")
 }
 
+async fn get_product(client: &mut CatalogServiceClient<Channel>, id: &str) -> pb::Product {
+    client
+        .get_product(pb::GetProductRequest { id: id.into() })
+        .await
+        .expect("get product")
+        .into_inner()
+        .product
+        .expect("product")
+}
+
 async fn create_deal(
     client: &mut CatalogServiceClient<Channel>,
     admin: &str,
@@ -272,15 +282,7 @@ async fn products_and_deals_need_an_admin_and_valid_input(backend: Backend) {
     );
 
     let product = create_product(&mut client, &stack.admin_token).await;
-    let fetched = client
-        .get_product(pb::GetProductRequest {
-            id: product.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .product
-        .unwrap();
+    let fetched = get_product(&mut client, &product.id).await;
     assert_eq!(fetched, product);
 
     let updated = client
@@ -303,15 +305,7 @@ async fn products_and_deals_need_an_admin_and_valid_input(backend: Backend) {
     assert_eq!(updated.price_cents, 45_000);
     assert_eq!(updated.image_url, None);
     assert_eq!(updated.name, product.name);
-    let read_back = client
-        .get_product(pb::GetProductRequest {
-            id: product.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .product
-        .unwrap();
+    let read_back = get_product(&mut client, &product.id).await;
     assert_eq!(read_back, updated, "the write invalidated the cache");
 
     let bad_mask = client
