@@ -4,12 +4,21 @@
 //! loopback port, talking real gRPC); `flashmesh auth` runs one service alone,
 //! as a Kubernetes Deployment does.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::{
+    io::{BufRead, IsTerminal, Write},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flashmesh_auth::{AuthApp, config::AuthConfig};
 use flashmesh_catalog::{CatalogApp, config::CatalogConfig};
+use flashmesh_order::{
+    OrderApp,
+    catalog::{MintedToken, ServiceToken, TokenFile},
+    config::OrderConfig,
+};
 use flashmesh_platform::{
     config::{Env, PlatformConfig},
     identity::Role,
@@ -37,6 +46,9 @@ enum Command {
     Auth,
     /// Run the catalog service alone.
     Catalog,
+    /// Run the order service alone. Needs FLASHMESH_ORDER_TOKEN_FILE (a
+    /// `flashmesh token --service order` token) to call the catalog.
+    Order,
     /// Apply every service's database migrations, then exit.
     Migrate,
     /// Create an admin, or promote an existing user. The password is read
@@ -74,6 +86,7 @@ struct Settings {
     platform: PlatformConfig,
     auth: AuthConfig,
     catalog: CatalogConfig,
+    order: OrderConfig,
 }
 
 impl Settings {
@@ -82,10 +95,12 @@ impl Settings {
         let platform = PlatformConfig::from_env(&env)?;
         let auth = AuthConfig::from_env(&env, &platform.data_dir)?;
         let catalog = CatalogConfig::from_env(&env)?;
+        let order = OrderConfig::from_env(&env, &platform.server)?;
         Ok(Self {
             platform,
             auth,
             catalog,
+            order,
         })
     }
 
@@ -108,10 +123,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Up => up(settings).await,
         Command::Auth => auth(settings).await,
         Command::Catalog => catalog(settings).await,
+        Command::Order => order(settings).await,
         Command::Migrate => {
             // Building a service runs its migrations.
             AuthApp::build(&settings.platform, settings.auth, None).await?;
             CatalogApp::build(&settings.platform, settings.catalog, None).await?;
+            OrderApp::migrate(&settings.platform).await?;
             println!("migrations applied");
             Ok(())
         }
@@ -144,13 +161,27 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     let redis = settings.redis().await?;
     let auth_listener = bind(settings.auth.listen_addr, "FLASHMESH_AUTH_ADDR").await?;
     let catalog_listener = bind(settings.catalog.listen_addr, "FLASHMESH_CATALOG_ADDR").await?;
+    let order_listener = bind(settings.order.listen_addr, "FLASHMESH_ORDER_ADDR").await?;
     let auth_addr = auth_listener.local_addr()?;
     let catalog_addr = catalog_listener.local_addr()?;
+    let order_addr = order_listener.local_addr()?;
     // In one process the services find each other on the ports just bound.
     let mut platform = settings.platform.clone();
     platform.auth_url = format!("http://{auth_addr}");
+    let mut order_config = settings.order.clone();
+    order_config.catalog_url = format!("http://{catalog_addr}");
     let auth = AuthApp::build(&platform, settings.auth, redis.as_ref()).await?;
     let catalog = CatalogApp::build(&platform, settings.catalog, redis.as_ref()).await?;
+    // The order service's token for the catalog, minted with the auth
+    // service's key in this process.
+    let minter = auth.service.clone();
+    let token: Arc<dyn ServiceToken> =
+        Arc::new(MintedToken::new(Duration::from_secs(3600), move |ttl| {
+            minter
+                .issue_service_token("order", ttl)
+                .map_err(|e| e.to_string())
+        }));
+    let order = OrderApp::build(&platform, order_config, redis.as_ref(), token).await?;
 
     let store = platform.database_url.as_deref().map_or_else(
         || format!("SQLite under {}", platform.data_dir.display()),
@@ -162,7 +193,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         "in-process cache and limits"
     };
     let banner = format!(
-        "flashmesh is up ({store}; {mode})\n  auth     grpc://{auth_addr}\n  catalog  grpc://{catalog_addr}\n\n\
+        "flashmesh is up ({store}; {mode})\n  auth     grpc://{auth_addr}\n  catalog  grpc://{catalog_addr}\n  order    grpc://{order_addr}\n\n\
          Try:\n  grpcurl -plaintext {auth_addr} list\n  \
          grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
          {auth_addr} flashmesh.auth.v1.AuthService/SignUp\n  \
@@ -175,7 +206,8 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     tokio::try_join!(
         auth.serve(auth_listener, shutdown.clone()),
-        catalog.serve(catalog_listener, shutdown),
+        catalog.serve(catalog_listener, shutdown.clone()),
+        order.serve(order_listener, shutdown),
     )?;
     Ok(())
 }
@@ -194,6 +226,22 @@ async fn catalog(settings: Settings) -> anyhow::Result<()> {
     let listener = bind(settings.catalog.listen_addr, "FLASHMESH_CATALOG_ADDR").await?;
     tracing::info!(addr = %listener.local_addr()?, "catalog service listening");
     let app = CatalogApp::build(&settings.platform, settings.catalog, redis.as_ref()).await?;
+    app.serve(listener, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+async fn order(settings: Settings) -> anyhow::Result<()> {
+    let Some(token_file) = settings.order.token_file.clone() else {
+        bail!(
+            "FLASHMESH_ORDER_TOKEN_FILE is not set: the order service needs a token to call \
+             the catalog (`flashmesh token --service order > FILE`)"
+        );
+    };
+    let redis = settings.redis().await?;
+    let listener = bind(settings.order.listen_addr, "FLASHMESH_ORDER_ADDR").await?;
+    tracing::info!(addr = %listener.local_addr()?, "order service listening");
+    let token: Arc<dyn ServiceToken> = Arc::new(TokenFile::new(token_file));
+    let app = OrderApp::build(&settings.platform, settings.order, redis.as_ref(), token).await?;
     app.serve(listener, shutdown_on_signal()).await?;
     Ok(())
 }

@@ -2,7 +2,10 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use crate::common::{Backend, CatalogStack, StackEnv, reason, violated_fields, with_bearer};
+use crate::common::{
+    Backend, StackEnv, create_deal, create_product, now_ms, open_window, reason, violated_fields,
+    with_bearer,
+};
 use flashmesh_platform::time::timestamp_from_millis;
 use flashmesh_proto::catalog::v1::{self as pb, catalog_service_client::CatalogServiceClient};
 use futures::{StreamExt, future::join_all};
@@ -61,7 +64,7 @@ async fn redis_flushed_mid_sale_rebuilds_the_gate_from_the_database() {
     let mut env = StackEnv::new(Backend::Postgres).await;
     env.set("FLASHMESH_CONCURRENCY_LIMIT", "10000");
     let stack = env.start_catalog().await;
-    let mut client = client(&stack).await;
+    let mut client = stack.catalog_client().await;
     let deal = create_deal(&mut client, &stack.admin_token, 100, 2, open_window()).await;
 
     let wave = |users: std::ops::Range<usize>| {
@@ -135,38 +138,6 @@ async fn redis_flushed_mid_sale_rebuilds_the_gate_from_the_database() {
     );
 }
 
-fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
-async fn client(stack: &CatalogStack) -> CatalogServiceClient<Channel> {
-    CatalogServiceClient::new(stack.catalog.running.channel().await)
-}
-
-async fn create_product(client: &mut CatalogServiceClient<Channel>, admin: &str) -> pb::Product {
-    client
-        .create_product(with_bearer(
-            pb::CreateProductRequest {
-                name: "Espresso machine".into(),
-                description: "Makes coffee.".into(),
-                image_url: Some("https://cdn.example.com/espresso.png".into()),
-                price_cents: 49_900,
-            },
-            admin,
-        ))
-        .await
-        .expect("create product")
-        .into_inner()
-        .product
-        .expect("product")
-}
-
 async fn get_product(client: &mut CatalogServiceClient<Channel>, id: &str) -> pb::Product {
     client
         .get_product(pb::GetProductRequest { id: id.into() })
@@ -175,37 +146,6 @@ async fn get_product(client: &mut CatalogServiceClient<Channel>, id: &str) -> pb
         .into_inner()
         .product
         .expect("product")
-}
-
-async fn create_deal(
-    client: &mut CatalogServiceClient<Channel>,
-    admin: &str,
-    stock: i32,
-    per_user_limit: i32,
-    window: (i64, i64),
-) -> pb::Deal {
-    let product = create_product(client, admin).await;
-    client
-        .create_deal(with_bearer(
-            pb::CreateDealRequest {
-                product_id: product.id,
-                price_cents: 19_900,
-                stock,
-                per_user_limit,
-                starts_at: Some(timestamp_from_millis(window.0)),
-                ends_at: Some(timestamp_from_millis(window.1)),
-            },
-            admin,
-        ))
-        .await
-        .expect("create deal")
-        .into_inner()
-        .deal
-        .expect("deal")
-}
-
-fn open_window() -> (i64, i64) {
-    (now_ms() - 1_000, now_ms() + 3_600_000)
 }
 
 fn reserve(
@@ -245,7 +185,7 @@ fn new_reservation(
 async fn products_and_deals_need_an_admin_and_valid_input(backend: Backend) {
     let mut env = StackEnv::new(backend).await;
     let stack = env.start_catalog().await;
-    let mut client = client(&stack).await;
+    let mut client = stack.catalog_client().await;
     let (_, user) = crate::common::sign_up(&mut stack.auth.auth_client().await).await;
 
     let request = || pb::CreateProductRequest {
@@ -405,7 +345,7 @@ async fn a_flash_sale_never_oversells_and_replays_change_nothing(backend: Backen
     let mut env = StackEnv::new(backend).await;
     env.set("FLASHMESH_CONCURRENCY_LIMIT", "10000");
     let stack = env.start_catalog().await;
-    let mut client = client(&stack).await;
+    let mut client = stack.catalog_client().await;
     let deal = create_deal(&mut client, &stack.admin_token, 100, 2, open_window()).await;
 
     // 2,000 calls from 500 users, one unit each, all at once.
@@ -558,7 +498,7 @@ async fn cold_reads_are_single_flight_and_sold_out_skips_the_database(backend: B
     let mut env = StackEnv::new(backend).await;
     env.set("FLASHMESH_CONCURRENCY_LIMIT", "10000");
     let stack = env.start_catalog().await;
-    let mut client = client(&stack).await;
+    let mut client = stack.catalog_client().await;
     let deal = create_deal(&mut client, &stack.admin_token, 5, 5, open_window()).await;
     // Let the entry the creation may have cached expire.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
@@ -609,7 +549,7 @@ async fn watch_deal_streams_a_snapshot_then_changes_and_ends(backend: Backend) {
     let mut env = StackEnv::new(backend).await;
     env.set("FLASHMESH_WATCH_MIN_INTERVAL", "50ms");
     let stack = env.start_catalog().await;
-    let mut client = client(&stack).await;
+    let mut client = stack.catalog_client().await;
     let now = now_ms();
     let deal = create_deal(
         &mut client,
@@ -665,7 +605,7 @@ async fn watch_deal_streams_a_snapshot_then_changes_and_ends(backend: Backend) {
 async fn lists_page_with_signed_tokens(backend: Backend) {
     let mut env = StackEnv::new(backend).await;
     let stack = env.start_catalog().await;
-    let mut client = client(&stack).await;
+    let mut client = stack.catalog_client().await;
     let mut created = Vec::new();
     for _ in 0..5 {
         created.push(
@@ -752,7 +692,7 @@ async fn deals_about_to_start_are_prepared_and_changes_reach_other_replicas() {
         .set("FLASHMESH_WATCH_MIN_INTERVAL", "10ms");
     let stack = env.start_catalog().await;
     let replica = env.start_catalog_replica().await;
-    let mut client = client(&stack).await;
+    let mut client = stack.catalog_client().await;
     let now = now_ms();
     let starts_at = now + 3_000;
     let deal = create_deal(

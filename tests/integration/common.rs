@@ -7,17 +7,31 @@
 //! `REDIS_URL`, defaulting to the local servers; when they are unreachable the
 //! test fails, it never skips.
 
-use std::{net::SocketAddr, path::PathBuf, process::Command, sync::OnceLock};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    sync::{Arc, OnceLock},
+};
 
 use flashmesh_auth::{AuthApp, config::AuthConfig};
 use flashmesh_catalog::{CatalogApp, config::CatalogConfig, service::CatalogService};
+use flashmesh_order::{
+    OrderApp,
+    catalog::{MintedToken, ServiceToken},
+    config::OrderConfig,
+    service::OrderService,
+};
+use flashmesh_platform::time::timestamp_from_millis;
 use flashmesh_platform::{
     config::{Env, PlatformConfig},
     identity::Role,
     redis::RedisHandle,
 };
-use flashmesh_proto::auth::v1::{
-    LoginRequest, SignUpRequest, TokenPair, auth_service_client::AuthServiceClient,
+use flashmesh_proto::{
+    auth::v1::{LoginRequest, SignUpRequest, TokenPair, auth_service_client::AuthServiceClient},
+    catalog::v1::{self as catalog_pb, catalog_service_client::CatalogServiceClient},
+    order::v1::order_service_client::OrderServiceClient,
 };
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -232,6 +246,11 @@ impl StackEnv {
 
     /// Another catalog replica on this stack's storage.
     pub async fn start_catalog_replica(&self) -> CatalogReplica {
+        self.start_catalog_replica_on("127.0.0.1:0").await
+    }
+
+    /// A catalog replica on `addr` (e.g. where a stopped one served).
+    pub async fn start_catalog_replica_on(&self, addr: &str) -> CatalogReplica {
         let platform = self.platform();
         let config = CatalogConfig::from_env(&self.env).expect("catalog config");
         let redis = self.redis(&platform).await;
@@ -239,8 +258,35 @@ impl StackEnv {
             .await
             .expect("catalog service starts");
         let service = app.service.clone();
-        let running = serve(|listener, shutdown| app.serve(listener, shutdown)).await;
+        let running = serve_on(addr, |listener, shutdown| app.serve(listener, shutdown)).await;
         CatalogReplica { running, service }
+    }
+
+    /// Starts auth, catalog and order.
+    pub async fn start_orders(&mut self) -> OrderStack {
+        let catalog = self.start_catalog().await;
+        self.set("FLASHMESH_CATALOG_URL", catalog.catalog.running.endpoint());
+        let order = self.start_order_replica(&catalog.order_token).await;
+        OrderStack { catalog, order }
+    }
+
+    /// An order replica on this stack's storage, calling the catalog at
+    /// `FLASHMESH_CATALOG_URL` with `order_token`.
+    pub async fn start_order_replica(&self, order_token: &str) -> OrderReplica {
+        let platform = self.platform();
+        let config = OrderConfig::from_env(&self.env, &platform.server).expect("order config");
+        let redis = self.redis(&platform).await;
+        let order_token = order_token.to_owned();
+        let token: Arc<dyn ServiceToken> = Arc::new(MintedToken::new(
+            std::time::Duration::from_secs(3600),
+            move |_| Ok(order_token.clone()),
+        ));
+        let app = OrderApp::build(&platform, config, redis.as_ref(), token)
+            .await
+            .expect("order service starts");
+        let service = app.service.clone();
+        let running = serve(|listener, shutdown| app.serve(listener, shutdown)).await;
+        OrderReplica { running, service }
     }
 }
 
@@ -252,7 +298,17 @@ where
         + Send
         + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    serve_on("127.0.0.1:0", start).await
+}
+
+async fn serve_on<F, Fut>(addr: &str, start: F) -> RunningService
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), flashmesh_platform::grpc::ServeError>>
+        + Send
+        + 'static,
+{
+    let listener = TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(start(listener, shutdown.clone()));
@@ -266,7 +322,7 @@ where
 /// A catalog replica and its service, for reading its counters.
 pub struct CatalogReplica {
     pub running: RunningService,
-    pub service: std::sync::Arc<CatalogService>,
+    pub service: Arc<CatalogService>,
 }
 
 /// Auth plus catalog, with tokens for an admin and the order service.
@@ -275,6 +331,92 @@ pub struct CatalogStack {
     pub catalog: CatalogReplica,
     pub admin_token: String,
     pub order_token: String,
+}
+
+impl CatalogStack {
+    pub async fn catalog_client(&self) -> CatalogServiceClient<Channel> {
+        CatalogServiceClient::new(self.catalog.running.channel().await)
+    }
+}
+
+pub fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+pub async fn create_product(
+    client: &mut CatalogServiceClient<Channel>,
+    admin: &str,
+) -> catalog_pb::Product {
+    client
+        .create_product(with_bearer(
+            catalog_pb::CreateProductRequest {
+                name: "Espresso machine".into(),
+                description: "Makes coffee.".into(),
+                image_url: Some("https://cdn.example.com/espresso.png".into()),
+                price_cents: 49_900,
+            },
+            admin,
+        ))
+        .await
+        .expect("create product")
+        .into_inner()
+        .product
+        .expect("product")
+}
+
+pub async fn create_deal(
+    client: &mut CatalogServiceClient<Channel>,
+    admin: &str,
+    stock: i32,
+    per_user_limit: i32,
+    window: (i64, i64),
+) -> catalog_pb::Deal {
+    let product = create_product(client, admin).await;
+    client
+        .create_deal(with_bearer(
+            catalog_pb::CreateDealRequest {
+                product_id: product.id,
+                price_cents: 19_900,
+                stock,
+                per_user_limit,
+                starts_at: Some(timestamp_from_millis(window.0)),
+                ends_at: Some(timestamp_from_millis(window.1)),
+            },
+            admin,
+        ))
+        .await
+        .expect("create deal")
+        .into_inner()
+        .deal
+        .expect("deal")
+}
+
+pub fn open_window() -> (i64, i64) {
+    (now_ms() - 1_000, now_ms() + 3_600_000)
+}
+
+/// An order replica and its service, for reading its storage.
+pub struct OrderReplica {
+    pub running: RunningService,
+    pub service: Arc<OrderService>,
+}
+
+impl OrderReplica {
+    pub async fn client(&self) -> OrderServiceClient<Channel> {
+        OrderServiceClient::new(self.running.channel().await)
+    }
+}
+
+/// Auth, catalog and order.
+pub struct OrderStack {
+    pub catalog: CatalogStack,
+    pub order: OrderReplica,
 }
 
 /// A service serving on a loopback port; stopped when dropped.

@@ -8,3 +8,5 @@ mod common;
 mod auth;
 mod catalog;
 mod cli;
+mod order;
+mod order_faults;

@@ -3,6 +3,7 @@
 //! from domain errors to gRPC statuses, and caller identity.
 
 pub mod cache;
+pub mod call;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -13,4 +14,5 @@ pub mod paging;
 pub mod pubsub;
 pub mod redis;
 pub mod runtime;
+pub mod streams;
 pub mod time;

@@ -179,6 +179,11 @@ impl CatalogStore {
         }
     }
 
+    /// The pool, for audits that count rows (tests, operators).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     pub fn counts(&self) -> &QueryCounts {
         &self.counts
     }

@@ -1,0 +1,222 @@
+//! The order service: turns a buyer's claim on a deal into an order, exactly
+//! once, across two services and a crash.
+//!
+//! Layers: [`transport`] (tonic, thin) → [`service`] (the saga and the
+//! reads) → [`domain`] (rules, no I/O), with [`storage`] (sqlx: claims,
+//! orders, outbox, read models), [`catalog`] (the catalog client with its
+//! deadline, retries and circuit breaker), [`events`] (the outbox relay) and
+//! [`consumers`] (status projector, sales counter).
+
+pub mod catalog;
+pub mod config;
+pub mod consumers;
+pub mod domain;
+pub mod error;
+pub mod events;
+pub mod service;
+pub mod storage;
+pub mod transport;
+pub mod wire;
+
+use std::{sync::Arc, time::Duration};
+
+use flashmesh_platform::{
+    config::PlatformConfig,
+    db::{Database, StoreError},
+    grpc::{GrpcServer, ServeError},
+    identity::{AuthServiceKeys, TokenVerifier},
+    paging::{PageSecretError, PageTokens},
+    pubsub::bus,
+    redis::RedisHandle,
+    streams::{ConsumerSettings, EventHandler, EventStream, run_consumer, unique_consumer_name},
+};
+use flashmesh_proto::order::v1::order_service_server::OrderServiceServer;
+use sqlx::migrate::Migrator;
+use tokio::{net::TcpListener, sync::Notify, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    catalog::{CatalogClient, CatalogClientError, CatalogClientSettings, ServiceToken},
+    config::OrderConfig,
+    consumers::{SalesCounter, StatusProjector},
+    events::{EventSink, LocalConsumer, OutboxRelay},
+    service::OrderService,
+    storage::OrderStore,
+    transport::OrderGrpc,
+};
+
+/// The order schema's migrations, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/order");
+
+/// The schema (PostgreSQL) or file (SQLite) the order service owns.
+pub const SCHEMA: &str = "order_service";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    PageSecret(#[from] PageSecretError),
+    #[error("FLASHMESH_AUTH_URL is not a valid URL: {0}")]
+    AuthUrl(#[from] http::uri::InvalidUri),
+    #[error(transparent)]
+    Catalog(#[from] CatalogClientError),
+}
+
+/// A ready-to-serve order service.
+pub struct OrderApp {
+    pub service: Arc<OrderService>,
+    config: OrderConfig,
+    verifier: Arc<TokenVerifier>,
+    platform: PlatformConfig,
+    db: Database,
+    store: Arc<OrderStore>,
+    redis: Option<RedisHandle>,
+    relay_wake: Arc<Notify>,
+}
+
+impl OrderApp {
+    /// Applies the order schema's migrations, then closes the pool.
+    pub async fn migrate(platform: &PlatformConfig) -> Result<(), StoreError> {
+        let db = Database::connect(platform, SCHEMA).await?;
+        let migrated = db.migrate(&MIGRATOR).await;
+        db.close().await;
+        migrated
+    }
+
+    /// Opens storage, runs migrations, and wires the catalog client.
+    pub async fn build(
+        platform: &PlatformConfig,
+        config: OrderConfig,
+        redis: Option<&RedisHandle>,
+        token: Arc<dyn ServiceToken>,
+    ) -> Result<Self, StartError> {
+        let db = Database::connect(platform, SCHEMA).await?;
+        db.migrate(&MIGRATOR).await?;
+        let store = Arc::new(OrderStore::new(db.pool().clone(), db.backend()));
+        let catalog = CatalogClient::new(
+            &CatalogClientSettings {
+                url: config.catalog_url.clone(),
+                call_timeout: config.catalog_timeout,
+                retries: config.catalog_retries,
+                breaker_open_for: config.breaker_open_for,
+            },
+            token,
+        )?;
+        let relay_wake = Arc::new(Notify::new());
+        let service = OrderService::new(
+            store.clone(),
+            catalog,
+            bus(redis),
+            PageTokens::configured(platform.page_token_secret.as_deref(), &platform.data_dir)?,
+            config.clone(),
+            relay_wake.clone(),
+        );
+        let verifier = TokenVerifier::new(
+            Arc::new(AuthServiceKeys::new(&platform.auth_url)?),
+            platform.tokens.clone(),
+        );
+        Ok(Self {
+            service: Arc::new(service),
+            config,
+            verifier: Arc::new(verifier),
+            platform: platform.clone(),
+            db,
+            store,
+            redis: redis.cloned(),
+            relay_wake,
+        })
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` is cancelled, running the
+    /// outbox relay, the event consumers and the sweeper beside it.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServeError> {
+        let background = shutdown.child_token();
+        let mut tasks = JoinSet::new();
+        let projector: Arc<dyn EventHandler> =
+            Arc::new(StatusProjector::new(self.store.clone(), self.service.bus()));
+        let counter: Arc<dyn EventHandler> = Arc::new(SalesCounter::new(self.store.clone()));
+        let sink = match &self.redis {
+            Some(redis) => {
+                let stream =
+                    EventStream::new(redis, &self.config.stream, self.config.stream_max_len);
+                for (group, handler) in [
+                    (StatusProjector::GROUP, projector),
+                    (SalesCounter::GROUP, counter),
+                ] {
+                    let settings = ConsumerSettings {
+                        group: group.to_owned(),
+                        consumer: unique_consumer_name(group),
+                        batch: 128,
+                        block: Duration::from_secs(1),
+                        claim_idle: self.config.consumer_claim_idle,
+                        max_deliveries: self.config.consumer_max_deliveries,
+                    };
+                    tasks.spawn(run_consumer(
+                        stream.clone(),
+                        settings,
+                        handler,
+                        background.clone(),
+                    ));
+                }
+                EventSink::Stream(stream)
+            }
+            None => EventSink::Local {
+                consumers: vec![
+                    LocalConsumer {
+                        name: StatusProjector::GROUP,
+                        handler: projector,
+                    },
+                    LocalConsumer {
+                        name: SalesCounter::GROUP,
+                        handler: counter,
+                    },
+                ],
+                max_deliveries: self.config.consumer_max_deliveries,
+            },
+        };
+        let relay = OutboxRelay::new(
+            self.store.clone(),
+            sink,
+            self.relay_wake.clone(),
+            self.config.outbox_poll,
+        );
+        tasks.spawn(relay.run(background.clone()));
+        tasks.spawn(sweep(
+            self.service.clone(),
+            self.config.sweep_interval,
+            background.clone(),
+        ));
+
+        let served = GrpcServer::new(&self.platform.server)
+            .with_identity(self.verifier)
+            .add_service(OrderServiceServer::new(OrderGrpc::new(
+                self.service,
+                self.platform.server.request_timeout,
+            )))
+            .serve(listener, shutdown)
+            .await;
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        self.db.close().await;
+        served
+    }
+}
+
+async fn sweep(service: Arc<OrderService>, interval: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(e) = service.sweep().await {
+            tracing::warn!(error = %e, "order sweep failed");
+        }
+    }
+}
