@@ -72,7 +72,7 @@ pub struct LocalConsumer {
 
 /// Where the relay puts events.
 pub enum EventSink {
-    Stream(EventStream),
+    Stream(Box<EventStream>),
     /// Embedded mode: hand each event to every consumer before the row
     /// counts as published, so a crash replays it (consumers dedupe).
     Local {

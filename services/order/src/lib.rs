@@ -163,7 +163,7 @@ impl OrderApp {
                         background.clone(),
                     ));
                 }
-                EventSink::Stream(stream)
+                EventSink::Stream(Box::new(stream))
             }
             None => EventSink::Local {
                 consumers: vec![
