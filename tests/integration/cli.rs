@@ -16,6 +16,7 @@ on_both_backends!(
     up_serves_auth_to_grpcurl,
     grpcurl_creates_a_deal_and_watches_it,
     python_client_uses_the_contracts,
+    grpcurl_places_an_order_through_up,
     admin_command_creates_and_promotes_admins,
 );
 
@@ -30,6 +31,7 @@ fn flashmesh(stack: &StackEnv, args: &[&str]) -> Command {
         .env("RUST_LOG", "warn")
         .env("FLASHMESH_AUTH_ADDR", "127.0.0.1:0")
         .env("FLASHMESH_CATALOG_ADDR", "127.0.0.1:0")
+        .env("FLASHMESH_ORDER_ADDR", "127.0.0.1:0")
         .envs(stack.vars())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -43,6 +45,7 @@ struct Stack {
     child: Child,
     auth_addr: String,
     catalog_addr: String,
+    order_addr: String,
 }
 
 impl Stack {
@@ -52,26 +55,36 @@ impl Stack {
             .expect("spawn flashmesh up");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let (auth_addr, catalog_addr) = tokio::time::timeout(Duration::from_secs(30), async {
-            let mut auth = None;
-            while let Some(line) = lines.next_line().await.expect("read stdout") {
-                if let Some(addr) = line.trim().strip_prefix("auth     grpc://") {
-                    auth = Some(addr.to_owned());
+        let (auth_addr, catalog_addr, order_addr) =
+            tokio::time::timeout(Duration::from_secs(30), async {
+                let (mut auth, mut catalog) = (None, None);
+                while let Some(line) = lines.next_line().await.expect("read stdout") {
+                    let line = line.trim();
+                    if let Some(addr) = line.strip_prefix("auth     grpc://") {
+                        auth = Some(addr.to_owned());
+                    }
+                    if let Some(addr) = line.strip_prefix("catalog  grpc://") {
+                        catalog = Some(addr.to_owned());
+                    }
+                    if let Some(addr) = line.strip_prefix("order    grpc://") {
+                        return (
+                            auth.expect("auth is printed first"),
+                            catalog.expect("catalog is printed before order"),
+                            addr.to_owned(),
+                        );
+                    }
                 }
-                if let Some(addr) = line.trim().strip_prefix("catalog  grpc://") {
-                    return (auth.expect("auth is printed first"), addr.to_owned());
-                }
-            }
-            panic!("flashmesh up exited without printing the service addresses");
-        })
-        .await
-        .expect("flashmesh up starts within 30 s");
+                panic!("flashmesh up exited without printing the service addresses");
+            })
+            .await
+            .expect("flashmesh up starts within 30 s");
         // Keep reading so the child never writes into a closed pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self {
             child,
             auth_addr,
             catalog_addr,
+            order_addr,
         }
     }
 
@@ -268,27 +281,29 @@ async fn create_admin(env: &StackEnv) -> (String, String) {
     (email, credentials)
 }
 
-async fn grpcurl_creates_a_deal_and_watches_it(backend: Backend) {
-    let env = StackEnv::new(backend).await;
-    let (_, admin) = create_admin(&env).await;
-    let stack = Stack::up(&env).await;
+/// The `authorization` metadata line for whoever `credentials` log in.
+async fn bearer(stack: &Stack, credentials: &str) -> String {
     let login = invoke_json(
         &stack.auth_addr,
         "flashmesh.auth.v1.AuthService/Login",
-        Some(&admin),
+        Some(credentials),
         None,
     )
     .await;
-    let bearer = format!(
+    format!(
         "authorization: Bearer {}",
         login["tokens"]["accessToken"].as_str().expect("token")
-    );
-    let catalog = stack.catalog_addr.as_str();
+    )
+}
+
+/// Creates a product and an active deal ending in `ends_in` seconds, as an
+/// admin with grpcurl; returns the CreateDeal answer.
+async fn create_deal_with_grpcurl(catalog: &str, bearer: &str, ends_in: i64) -> Value {
     let product = invoke_json(
         catalog,
         "flashmesh.catalog.v1.CatalogService/CreateProduct",
         Some(r#"{"name":"Mechanical keyboard","price_cents":12900}"#),
-        Some(&bearer),
+        Some(bearer),
     )
     .await;
     let at = |offset: i64| {
@@ -301,15 +316,24 @@ async fn grpcurl_creates_a_deal_and_watches_it(backend: Backend) {
         "stock": 50,
         "per_user_limit": 2,
         "starts_at": at(-1),
-        "ends_at": at(3),
+        "ends_at": at(ends_in),
     });
-    let deal = invoke_json(
+    invoke_json(
         catalog,
         "flashmesh.catalog.v1.CatalogService/CreateDeal",
         Some(&deal_request.to_string()),
-        Some(&bearer),
+        Some(bearer),
     )
-    .await;
+    .await
+}
+
+async fn grpcurl_creates_a_deal_and_watches_it(backend: Backend) {
+    let env = StackEnv::new(backend).await;
+    let (_, admin) = create_admin(&env).await;
+    let stack = Stack::up(&env).await;
+    let bearer = bearer(&stack, &admin).await;
+    let catalog = stack.catalog_addr.as_str();
+    let deal = create_deal_with_grpcurl(catalog, &bearer, 3).await;
     assert_eq!(deal["deal"]["state"], "DEAL_STATE_ACTIVE");
     assert_eq!(deal["deal"]["remainingStock"], 50);
 
@@ -440,6 +464,21 @@ async fn migrate_creates_each_service_schema_in_postgres() {
                 "reservations",
             ],
         ),
+        (
+            "order_service",
+            &[
+                "_sqlx_migrations",
+                "consumed_events",
+                "deal_sales",
+                "dead_letters",
+                "idempotency_keys",
+                "order_items",
+                "order_status",
+                "orders",
+                "outbox",
+                "stock_releases",
+            ],
+        ),
     ] {
         let tables: Vec<(String,)> = sqlx::query_as(
             "SELECT table_name::text FROM information_schema.tables \
@@ -483,6 +522,7 @@ fn readme_documents_every_configuration_variable() {
         "crates/platform/src/config.rs",
         "services/auth/src/config.rs",
         "services/catalog/src/config.rs",
+        "services/order/src/config.rs",
     ] {
         let code = std::fs::read_to_string(repo_root().join(source)).expect("config source");
         for var in env_vars_in(&code) {
@@ -513,4 +553,98 @@ fn env_vars_in(code: &str) -> Vec<String> {
         })
         .map(str::to_owned)
         .collect()
+}
+
+async fn grpcurl_places_an_order_through_up(backend: Backend) {
+    let env = StackEnv::new(backend).await;
+    let (_, admin) = create_admin(&env).await;
+    let stack = Stack::up(&env).await;
+    let admin = bearer(&stack, &admin).await;
+    let deal = create_deal_with_grpcurl(&stack.catalog_addr, &admin, 3600).await;
+    let deal_id = deal["deal"]["id"].as_str().expect("deal id");
+    let order_addr = stack.order_addr.as_str();
+
+    let (ok, listed) = grpcurl(&["-plaintext", order_addr, "list"]).await;
+    assert!(
+        ok && listed.contains("flashmesh.order.v1.OrderService"),
+        "{listed}"
+    );
+
+    let email = crate::common::unique_email();
+    let credentials =
+        serde_json::json!({"email": email, "password": crate::common::PASSWORD}).to_string();
+    invoke_json(
+        &stack.auth_addr,
+        "flashmesh.auth.v1.AuthService/SignUp",
+        Some(&credentials),
+        None,
+    )
+    .await;
+    let buyer = bearer(&stack, &credentials).await;
+    let request = serde_json::json!({
+        "deal_id": deal_id, "quantity": 2, "idempotency_key": "checkout-1"
+    })
+    .to_string();
+    let placed = invoke_json(
+        order_addr,
+        "flashmesh.order.v1.OrderService/PlaceOrder",
+        Some(&request),
+        Some(&buyer),
+    )
+    .await;
+    assert_eq!(placed["order"]["state"], "ORDER_STATE_CONFIRMED");
+    assert_eq!(placed["order"]["totalCents"], "19800");
+    let replayed = invoke_json(
+        order_addr,
+        "flashmesh.order.v1.OrderService/PlaceOrder",
+        Some(&request),
+        Some(&buyer),
+    )
+    .await;
+    assert_eq!(replayed["order"]["id"], placed["order"]["id"]);
+
+    let listed = invoke_json(
+        order_addr,
+        "flashmesh.order.v1.OrderService/ListOrders",
+        None,
+        Some(&buyer),
+    )
+    .await;
+    assert_eq!(listed["orders"].as_array().map(Vec::len), Some(1));
+
+    let (ok, refused) = invoke(
+        order_addr,
+        "flashmesh.order.v1.OrderService/PlaceOrder",
+        Some(&serde_json::json!({"deal_id": deal_id, "quantity": 1, "idempotency_key": "checkout-2"}).to_string()),
+        Some(&buyer),
+    )
+    .await;
+    assert!(!ok);
+    assert!(refused.contains("Code: FailedPrecondition"), "{refused}");
+    assert!(
+        refused.contains("\"reason\":\"LIMIT_EXCEEDED\""),
+        "{refused}"
+    );
+
+    // The sales counter catches up with the order event.
+    let sales_request = serde_json::json!({ "deal_id": deal_id }).to_string();
+    let started = std::time::Instant::now();
+    loop {
+        let sales = invoke_json(
+            order_addr,
+            "flashmesh.order.v1.OrderService/GetDealSales",
+            Some(&sales_request),
+            Some(&admin),
+        )
+        .await;
+        if sales["sales"]["unitsSold"] == "2" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "sales counted: {sales}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stack.stop().await;
 }
