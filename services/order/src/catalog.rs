@@ -131,6 +131,10 @@ pub enum CatalogCallError {
     /// The call may or may not have taken effect.
     #[error("no answer from the catalog: {0}")]
     NoAnswer(String),
+    /// The attempt outlived its claim and was swept; its reservation id can
+    /// no longer take stock.
+    #[error("the attempt was swept before the catalog answered")]
+    Superseded,
     /// The caller's deadline ran out; the call may or may not have taken
     /// effect.
     #[error("the deadline passed")]
@@ -377,6 +381,11 @@ fn classify(status: Status) -> CatalogCallError {
                     message: status.message().to_owned(),
                     metadata: info.metadata.clone().into_iter().collect(),
                 }),
+                // The sweeper released this attempt's id after its lease ran
+                // out: the attempt is over, the key free for a retry.
+                None if info.reason == "RESERVATION_RELEASED" => {
+                    CatalogCallError::Superseded
+                }
                 None => CatalogCallError::Unexpected(status),
             }
         }

@@ -135,7 +135,9 @@ impl OrderApp {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ServeError> {
-        let background = shutdown.child_token();
+        // The relay, consumers and sweeper outlive the listener: calls still
+        // draining after a shutdown signal commit events they must publish.
+        let background = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let projector: Arc<dyn EventHandler> =
             Arc::new(StatusProjector::new(self.store.clone(), self.service.bus()));

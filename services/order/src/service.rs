@@ -234,6 +234,7 @@ impl OrderService {
                     }
                     CatalogCallError::BreakerOpen => CatalogCallError::BreakerOpen,
                     CatalogCallError::DeadlineExceeded => CatalogCallError::DeadlineExceeded,
+                    CatalogCallError::Superseded => CatalogCallError::Superseded,
                     other => CatalogCallError::NoAnswer(other.to_string()),
                 })
             })
@@ -273,6 +274,7 @@ impl OrderService {
                 self.give_up(claim, may_hold_stock).await;
                 OrderError::DeadlineExceeded
             }
+            CatalogCallError::Superseded => OrderError::RequestInProgress,
             CatalogCallError::Unexpected(status) => {
                 self.give_up(claim, may_hold_stock).await;
                 OrderError::Catalog(status)
