@@ -422,13 +422,21 @@ async fn admin_command_creates_and_promotes_admins(backend: Backend) {
 #[tokio::test]
 async fn bad_configuration_fails_start_up_naming_the_variable() {
     let env = StackEnv::new(Backend::Embedded).await;
-    for (var, value) in [
-        ("FLASHMESH_REQUEST_TIMEOUT", "soon"),
-        ("FLASHMESH_AUTH_ADDR", "localhost"),
-        ("FLASHMESH_ARGON2_ITERATIONS", "0"),
-        ("DATABASE_MAX_CONNECTIONS", "many"),
+    let token_file = env.data_dir.path().join("order.token");
+    std::fs::write(&token_file, "not-checked-at-start-up").unwrap();
+    let token_file = token_file.display().to_string();
+    for (command, var, value) in [
+        ("auth", "FLASHMESH_REQUEST_TIMEOUT", "soon"),
+        ("auth", "FLASHMESH_AUTH_ADDR", "localhost"),
+        ("auth", "FLASHMESH_ARGON2_ITERATIONS", "0"),
+        ("auth", "DATABASE_MAX_CONNECTIONS", "many"),
+        ("order", "FLASHMESH_CLAIM_LEASE", "10s"),
+        ("order", "FLASHMESH_CATALOG_RETRIES", "11"),
+        ("order", "FLASHMESH_CATALOG_URL", "not a url"),
+        ("order", "FLASHMESH_ORDER_TOKEN_FILE", ""),
     ] {
-        let output = flashmesh(&env, &["auth"])
+        let output = flashmesh(&env, &[command])
+            .env("FLASHMESH_ORDER_TOKEN_FILE", &token_file)
             .env(var, value)
             .output()
             .await

@@ -383,9 +383,7 @@ fn classify(status: Status) -> CatalogCallError {
                 }),
                 // The sweeper released this attempt's id after its lease ran
                 // out: the attempt is over, the key free for a retry.
-                None if info.reason == "RESERVATION_RELEASED" => {
-                    CatalogCallError::Superseded
-                }
+                None if info.reason == "RESERVATION_RELEASED" => CatalogCallError::Superseded,
                 None => CatalogCallError::Unexpected(status),
             }
         }
