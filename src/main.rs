@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flashmesh_auth::{AuthApp, config::AuthConfig};
 use flashmesh_catalog::{CatalogApp, config::CatalogConfig};
+use flashmesh_gateway::{GatewayApp, config::GatewayConfig};
 use flashmesh_order::{
     OrderApp,
     catalog::{MintedToken, ServiceToken, TokenFile},
@@ -46,6 +47,8 @@ enum Command {
     Auth,
     /// Run the catalog service alone.
     Catalog,
+    /// Run the edge gateway alone (REST/JSON → gRPC).
+    Gateway,
     /// Run the order service alone. Needs FLASHMESH_ORDER_TOKEN_FILE (a
     /// `flashmesh token --service order` token) to call the catalog.
     Order,
@@ -87,6 +90,7 @@ struct Settings {
     auth: AuthConfig,
     catalog: CatalogConfig,
     order: OrderConfig,
+    gateway: GatewayConfig,
 }
 
 impl Settings {
@@ -96,11 +100,13 @@ impl Settings {
         let auth = AuthConfig::from_env(&env, &platform.data_dir)?;
         let catalog = CatalogConfig::from_env(&env)?;
         let order = OrderConfig::from_env(&env, &platform.server)?;
+        let gateway = GatewayConfig::from_env(&env, &platform.auth_url)?;
         Ok(Self {
             platform,
             auth,
             catalog,
             order,
+            gateway,
         })
     }
 
@@ -124,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Auth => auth(settings).await,
         Command::Catalog => catalog(settings).await,
         Command::Order => order(settings).await,
+        Command::Gateway => gateway(settings).await,
         Command::Migrate => {
             // Building a service runs its migrations.
             AuthApp::build(&settings.platform, settings.auth, None).await?;
@@ -162,9 +169,11 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     let auth_listener = bind(settings.auth.listen_addr, "FLASHMESH_AUTH_ADDR").await?;
     let catalog_listener = bind(settings.catalog.listen_addr, "FLASHMESH_CATALOG_ADDR").await?;
     let order_listener = bind(settings.order.listen_addr, "FLASHMESH_ORDER_ADDR").await?;
+    let gateway_listener = bind(settings.gateway.listen_addr, "FLASHMESH_GATEWAY_ADDR").await?;
     let auth_addr = auth_listener.local_addr()?;
     let catalog_addr = catalog_listener.local_addr()?;
     let order_addr = order_listener.local_addr()?;
+    let gateway_addr = gateway_listener.local_addr()?;
     // In one process the services find each other on the ports just bound.
     let mut platform = settings.platform.clone();
     platform.auth_url = format!("http://{auth_addr}");
@@ -182,6 +191,16 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
                 .map_err(|e| e.to_string())
         }));
     let order = OrderApp::build(&platform, order_config, redis.as_ref(), token).await?;
+    let mut gateway_config = settings.gateway.clone();
+    for upstream in &mut gateway_config.upstreams {
+        let addr = match upstream.service {
+            "flashmesh.auth.v1.AuthService" => auth_addr,
+            "flashmesh.catalog.v1.CatalogService" => catalog_addr,
+            _ => order_addr,
+        };
+        upstream.urls = vec![format!("http://{addr}")];
+    }
+    let gateway = GatewayApp::build(&platform, gateway_config, redis.as_ref()).await?;
 
     let store = platform.database_url.as_deref().map_or_else(
         || format!("SQLite under {}", platform.data_dir.display()),
@@ -193,7 +212,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         "in-process cache and limits"
     };
     let banner = format!(
-        "flashmesh is up ({store}; {mode})\n  auth     grpc://{auth_addr}\n  catalog  grpc://{catalog_addr}\n  order    grpc://{order_addr}\n\n\
+        "flashmesh is up ({store}; {mode})\n  gateway  http://{gateway_addr}\n  auth     grpc://{auth_addr}\n  catalog  grpc://{catalog_addr}\n  order    grpc://{order_addr}\n\n\
          Try:\n  grpcurl -plaintext {auth_addr} list\n  \
          grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
          {auth_addr} flashmesh.auth.v1.AuthService/SignUp\n  \
@@ -205,9 +224,10 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
 
     let shutdown = shutdown_on_signal();
     tokio::try_join!(
-        auth.serve(auth_listener, shutdown.clone()),
-        catalog.serve(catalog_listener, shutdown.clone()),
-        order.serve(order_listener, shutdown),
+        async { Ok::<_, anyhow::Error>(auth.serve(auth_listener, shutdown.clone()).await?) },
+        async { Ok(catalog.serve(catalog_listener, shutdown.clone()).await?) },
+        async { Ok(order.serve(order_listener, shutdown.clone()).await?) },
+        async { Ok(gateway.serve(gateway_listener, shutdown.clone()).await?) },
     )?;
     Ok(())
 }
@@ -242,6 +262,15 @@ async fn order(settings: Settings) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "order service listening");
     let token: Arc<dyn ServiceToken> = Arc::new(TokenFile::new(token_file));
     let app = OrderApp::build(&settings.platform, settings.order, redis.as_ref(), token).await?;
+    app.serve(listener, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+async fn gateway(settings: Settings) -> anyhow::Result<()> {
+    let redis = settings.redis().await?;
+    let listener = bind(settings.gateway.listen_addr, "FLASHMESH_GATEWAY_ADDR").await?;
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    let app = GatewayApp::build(&settings.platform, settings.gateway, redis.as_ref()).await?;
     app.serve(listener, shutdown_on_signal()).await?;
     Ok(())
 }

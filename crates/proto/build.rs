@@ -4,8 +4,6 @@
 
 use std::{env, fs, path::PathBuf};
 
-use prost::Message;
-
 const CONTRACTS: &[&str] = &[
     "flashmesh/auth/v1/auth.proto",
     "flashmesh/catalog/v1/catalog.proto",
@@ -16,11 +14,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     println!("cargo:rerun-if-changed={}", root.display());
 
-    let descriptors = protox::compile(CONTRACTS, [&root])?;
+    let mut compiler = protox::Compiler::new([&root])?;
+    compiler.include_imports(true).include_source_info(true);
+    compiler.open_files(CONTRACTS)?;
+    let descriptors = compiler.file_descriptor_set();
+    // protox's own encoding keeps extension options (the google.api.http
+    // annotations the gateway routes by); prost_types' drops them.
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
         out_dir.join("flashmesh_descriptor.bin"),
-        descriptors.encode_to_vec(),
+        compiler.encode_file_descriptor_set(),
     )?;
 
     tonic_prost_build::configure()

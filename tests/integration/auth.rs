@@ -5,19 +5,19 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use crate::common::{
-    Backend, PASSWORD, StackEnv, login, reason, sign_up, unique_email, violated_fields, with_bearer,
+    Backend, PASSWORD, StackEnv, bad_tokens, claims, login, reason, sign_up, unique_email,
+    violated_fields, with_bearer,
 };
 use flashmesh_auth::{
     config::KeyLocation,
     keys::{SigningKeys, rotate},
 };
 use flashmesh_platform::identity::{
-    AccessClaims, AuthServiceKeys, BoxError, KeySource, Role, TokenError, TokenPolicy,
-    TokenVerifier,
+    AuthServiceKeys, BoxError, KeySource, Role, TokenError, TokenPolicy, TokenVerifier,
 };
 use flashmesh_proto::auth::v1::{
     GetJwksRequest, GetMeRequest, Jwk, LogoutRequest, RefreshRequest, SignUpRequest,
@@ -274,27 +274,6 @@ async fn repeated_login_failures_are_throttled(backend: Backend) {
     auth.stop().await;
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn claims(user_id: &str) -> AccessClaims {
-    let now = now_secs();
-    AccessClaims {
-        iss: "flashmesh-auth".into(),
-        aud: "flashmesh".into(),
-        sub: user_id.into(),
-        exp: now + 600,
-        iat: now,
-        nbf: now,
-        jti: "test".into(),
-        role: Role::Admin,
-    }
-}
-
 async fn tampered_forged_and_expired_tokens_are_unauthenticated(backend: Backend) {
     let stack = StackEnv::new(backend).await;
     let auth = stack.start_auth().await;
@@ -308,78 +287,13 @@ async fn tampered_forged_and_expired_tokens_are_unauthenticated(backend: Backend
         .user
         .unwrap();
 
-    // The service's own key, to mint tokens that differ in one claim only.
-    let real_key = SigningKeys::load(&KeyLocation::Generated {
-        dir: stack.key_dir(),
-    })
-    .unwrap();
-    let other_dir = tempfile::tempdir().unwrap();
-    let forged_key = SigningKeys::load(&KeyLocation::Generated {
-        dir: other_dir.path().to_owned(),
-    })
-    .unwrap();
-
-    let mut tampered = tokens.access_token.clone();
-    let last = tampered.pop().unwrap();
-    tampered.push(if last == 'A' { 'B' } else { 'A' });
-    let (header, rest) = tokens.access_token.split_once('.').unwrap();
-    let (_, signature) = rest.rsplit_once('.').unwrap();
-    let escalated_payload = base64_url(
-        &serde_json::to_vec(&claims(&me.id)).unwrap(), // role: admin
-    );
-    let payload_swapped = format!("{header}.{escalated_payload}.{signature}");
-    let alg_none = format!(
-        "{}.{}.",
-        base64_url(br#"{"alg":"none","typ":"JWT"}"#),
-        escalated_payload
-    );
-
-    let wrong_audience = real_key
-        .sign(&AccessClaims {
-            aud: "someone-else".into(),
-            ..claims(&me.id)
-        })
-        .unwrap();
-    let wrong_issuer = real_key
-        .sign(&AccessClaims {
-            iss: "evil".into(),
-            ..claims(&me.id)
-        })
-        .unwrap();
-    let expired = real_key
-        .sign(&AccessClaims {
-            exp: now_secs() - 3600,
-            iat: now_secs() - 7200,
-            nbf: now_secs() - 7200,
-            ..claims(&me.id)
-        })
-        .unwrap();
-    let not_yet_valid = real_key
-        .sign(&AccessClaims {
-            nbf: now_secs() + 3600,
-            ..claims(&me.id)
-        })
-        .unwrap();
-    let forged = forged_key.sign(&claims(&me.id)).unwrap();
-
-    let cases = [
-        ("tampered signature", tampered, "TOKEN_INVALID"),
-        ("swapped payload", payload_swapped, "TOKEN_INVALID"),
-        ("alg none", alg_none, "TOKEN_INVALID"),
-        ("wrong audience", wrong_audience, "TOKEN_INVALID"),
-        ("wrong issuer", wrong_issuer, "TOKEN_INVALID"),
-        ("expired", expired, "TOKEN_EXPIRED"),
-        ("not yet valid", not_yet_valid, "TOKEN_INVALID"),
-        ("signed by another key", forged, "TOKEN_INVALID"),
-        ("garbage", "not.a.jwt".into(), "TOKEN_INVALID"),
-    ];
-    for (case, token, expected_reason) in cases {
+    for bad in bad_tokens(&stack, &tokens.access_token, &me.id) {
         let status = client
-            .get_me(with_bearer(GetMeRequest {}, &token))
+            .get_me(with_bearer(GetMeRequest {}, &bad.token))
             .await
             .unwrap_err();
-        assert_eq!(status.code(), Code::Unauthenticated, "{case}");
-        assert_eq!(reason(&status), expected_reason, "{case}");
+        assert_eq!(status.code(), Code::Unauthenticated, "{}", bad.case);
+        assert_eq!(reason(&status), bad.reason, "{}", bad.case);
     }
 
     let mut request = tonic::Request::new(GetMeRequest {});
@@ -391,17 +305,16 @@ async fn tampered_forged_and_expired_tokens_are_unauthenticated(backend: Backend
     assert_eq!(reason(&status), "TOKEN_INVALID");
 
     // A correctly signed token with the real key still works.
+    let real_key = SigningKeys::load(&KeyLocation::Generated {
+        dir: stack.key_dir(),
+    })
+    .unwrap();
     let minted = real_key.sign(&claims(&me.id)).unwrap();
     client
         .get_me(with_bearer(GetMeRequest {}, &minted))
         .await
         .expect("a well-formed token from the real key is accepted");
     auth.stop().await;
-}
-
-fn base64_url(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 async fn refresh_rotates_and_reuse_revokes_the_family(backend: Backend) {

@@ -14,7 +14,11 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use flashmesh_auth::{AuthApp, config::AuthConfig};
+use flashmesh_auth::{
+    AuthApp,
+    config::{AuthConfig, KeyLocation},
+    keys::SigningKeys,
+};
 use flashmesh_catalog::{CatalogApp, config::CatalogConfig, service::CatalogService};
 use flashmesh_order::{
     OrderApp,
@@ -25,7 +29,7 @@ use flashmesh_order::{
 use flashmesh_platform::time::timestamp_from_millis;
 use flashmesh_platform::{
     config::{Env, PlatformConfig},
-    identity::Role,
+    identity::{AccessClaims, Role},
     redis::RedisHandle,
 };
 use flashmesh_proto::{
@@ -270,6 +274,27 @@ impl StackEnv {
         OrderStack { catalog, order }
     }
 
+    /// The gateway in front of `stack`'s services.
+    pub async fn start_gateway(&mut self, stack: &OrderStack) -> GatewayReplica {
+        self.set("FLASHMESH_AUTH_URL", stack.catalog.auth.endpoint());
+        self.set(
+            "FLASHMESH_CATALOG_URL",
+            stack.catalog.catalog.running.endpoint(),
+        );
+        self.set("FLASHMESH_ORDER_URL", stack.order.running.endpoint());
+        let platform = self.platform();
+        let config =
+            flashmesh_gateway::config::GatewayConfig::from_env(&self.env, &platform.auth_url)
+                .expect("gateway config");
+        let redis = self.redis(&platform).await;
+        let app = flashmesh_gateway::GatewayApp::build(&platform, config, redis.as_ref())
+            .await
+            .expect("gateway starts");
+        let gateway = app.gateway();
+        let running = serve(|listener, shutdown| app.serve(listener, shutdown)).await;
+        GatewayReplica { running, gateway }
+    }
+
     /// An order replica on this stack's storage, calling the catalog at
     /// `FLASHMESH_CATALOG_URL` with `order_token`.
     pub async fn start_order_replica(&self, order_token: &str) -> OrderReplica {
@@ -291,27 +316,26 @@ impl StackEnv {
 }
 
 /// Serves on a random loopback port.
-async fn serve<F, Fut>(start: F) -> RunningService
+async fn serve<F, Fut, E>(start: F) -> RunningService
 where
     F: FnOnce(TcpListener, CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = Result<(), flashmesh_platform::grpc::ServeError>>
-        + Send
-        + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
 {
     serve_on("127.0.0.1:0", start).await
 }
 
-async fn serve_on<F, Fut>(addr: &str, start: F) -> RunningService
+async fn serve_on<F, Fut, E>(addr: &str, start: F) -> RunningService
 where
     F: FnOnce(TcpListener, CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = Result<(), flashmesh_platform::grpc::ServeError>>
-        + Send
-        + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
 {
     let listener = TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(start(listener, shutdown.clone()));
+    let served = start(listener, shutdown.clone());
+    let task = tokio::spawn(async move { served.await.map_err(|e| e.to_string()) });
     RunningService {
         addr,
         shutdown,
@@ -401,6 +425,18 @@ pub fn open_window() -> (i64, i64) {
     (now_ms() - 1_000, now_ms() + 3_600_000)
 }
 
+/// The gateway in front of an order stack, and its counters.
+pub struct GatewayReplica {
+    pub running: RunningService,
+    pub gateway: Arc<flashmesh_gateway::app::Gateway>,
+}
+
+impl GatewayReplica {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running.addr)
+    }
+}
+
 /// An order replica and its service, for reading its storage.
 pub struct OrderReplica {
     pub running: RunningService,
@@ -423,7 +459,7 @@ pub struct OrderStack {
 pub struct RunningService {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
-    task: Option<JoinHandle<Result<(), flashmesh_platform::grpc::ServeError>>>,
+    task: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl RunningService {
@@ -550,4 +586,156 @@ pub fn tools() -> &'static PathBuf {
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// Valid admin claims for `user_id`, to vary one at a time.
+pub fn claims(user_id: &str) -> AccessClaims {
+    let now = now_secs();
+    AccessClaims {
+        iss: "flashmesh-auth".into(),
+        aud: "flashmesh".into(),
+        sub: user_id.into(),
+        exp: now + 600,
+        iat: now,
+        nbf: now,
+        jti: "test".into(),
+        role: Role::Admin,
+    }
+}
+
+pub fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A token that must be refused, why, and the ErrorInfo reason expected.
+pub struct BadToken {
+    pub case: &'static str,
+    pub token: String,
+    pub reason: &'static str,
+}
+
+/// Every way a token can be wrong, built from `valid` (a real access token
+/// of `user_id`) and the stack's own signing key, so each differs from a
+/// good token in one respect only.
+pub fn bad_tokens(env: &StackEnv, valid: &str, user_id: &str) -> Vec<BadToken> {
+    use hmac::Mac;
+    let real_key = SigningKeys::load(&KeyLocation::Generated { dir: env.key_dir() })
+        .expect("the stack's signing key");
+    let other_dir = tempfile::tempdir().expect("temp dir");
+    let forged_key = SigningKeys::load(&KeyLocation::Generated {
+        dir: other_dir.path().to_owned(),
+    })
+    .expect("another key");
+
+    let mut tampered = valid.to_owned();
+    let last = tampered.pop().expect("a token");
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let (header, rest) = valid.split_once('.').expect("a JWT");
+    let (_, signature) = rest.rsplit_once('.').expect("a JWT");
+    let escalated = base64_url(&serde_json::to_vec(&claims(user_id)).expect("json")); // role: admin
+    let payload_swapped = format!("{header}.{escalated}.{signature}");
+    let alg_none = format!(
+        "{}.{escalated}.",
+        base64_url(br#"{"alg":"none","typ":"JWT"}"#)
+    );
+    // HS256 keyed with the public key: the classic algorithm confusion.
+    let public_key = real_key.jwks()[0].x.clone();
+    let hs_header = base64_url(
+        format!(
+            r#"{{"alg":"HS256","typ":"JWT","kid":"{}"}}"#,
+            real_key.kid()
+        )
+        .as_bytes(),
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(public_key.as_bytes()).expect("hmac");
+    mac.update(format!("{hs_header}.{escalated}").as_bytes());
+    let hs256 = format!(
+        "{hs_header}.{escalated}.{}",
+        base64_url(&mac.finalize().into_bytes())
+    );
+    let unknown_kid = {
+        let header = base64_url(br#"{"alg":"EdDSA","typ":"JWT","kid":"no-such-key"}"#);
+        format!("{header}.{escalated}.{signature}")
+    };
+    let sign = |claims: AccessClaims| real_key.sign(&claims).expect("sign");
+    let now = now_secs();
+    vec![
+        BadToken {
+            case: "tampered signature",
+            token: tampered,
+            reason: "TOKEN_INVALID",
+        },
+        BadToken {
+            case: "swapped payload",
+            token: payload_swapped,
+            reason: "TOKEN_INVALID",
+        },
+        BadToken {
+            case: "alg none",
+            token: alg_none,
+            reason: "TOKEN_INVALID",
+        },
+        BadToken {
+            case: "HS256 keyed with the public key",
+            token: hs256,
+            reason: "TOKEN_INVALID",
+        },
+        BadToken {
+            case: "unknown kid",
+            token: unknown_kid,
+            reason: "TOKEN_INVALID",
+        },
+        BadToken {
+            case: "wrong audience",
+            token: sign(AccessClaims {
+                aud: "someone-else".into(),
+                ..claims(user_id)
+            }),
+            reason: "TOKEN_INVALID",
+        },
+        BadToken {
+            case: "wrong issuer",
+            token: sign(AccessClaims {
+                iss: "evil".into(),
+                ..claims(user_id)
+            }),
+            reason: "TOKEN_INVALID",
+        },
+        BadToken {
+            case: "expired",
+            token: sign(AccessClaims {
+                exp: now - 3600,
+                iat: now - 7200,
+                nbf: now - 7200,
+                ..claims(user_id)
+            }),
+            reason: "TOKEN_EXPIRED",
+        },
+        BadToken {
+            case: "not yet valid",
+            token: sign(AccessClaims {
+                nbf: now + 3600,
+                ..claims(user_id)
+            }),
+            reason: "TOKEN_INVALID",
+        },
+        BadToken {
+            case: "signed by another key",
+            token: forged_key.sign(&claims(user_id)).expect("sign"),
+            reason: "TOKEN_INVALID",
+        },
+        BadToken {
+            case: "garbage",
+            token: "not.a.jwt".into(),
+            reason: "TOKEN_INVALID",
+        },
+    ]
 }

@@ -8,5 +8,6 @@ mod common;
 mod auth;
 mod catalog;
 mod cli;
+mod gateway;
 mod order;
 mod order_faults;

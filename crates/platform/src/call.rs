@@ -16,7 +16,7 @@ pub fn deadline<T>(request: &tonic::Request<T>, limit: Duration) -> Instant {
 }
 
 /// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let split = value.len().checked_sub(1)?;
     let (digits, unit) = value.split_at(split);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {

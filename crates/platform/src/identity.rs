@@ -188,6 +188,12 @@ impl TokenVerifier {
     /// The caller a token speaks for, if its signature, algorithm, issuer,
     /// audience and lifetime all check out.
     pub async fn verify(&self, token: &str) -> Result<Caller, TokenError> {
+        Ok(self.verify_with_expiry(token).await?.0)
+    }
+
+    /// As [`Self::verify`], with the token's `exp` (Unix seconds), for
+    /// callers that cache verified tokens until they expire.
+    pub async fn verify_with_expiry(&self, token: &str) -> Result<(Caller, u64), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
         if header.alg != TOKEN_ALGORITHM {
             return Err(TokenError::Invalid);
@@ -200,11 +206,14 @@ impl TokenVerifier {
                 _ => TokenError::Invalid,
             },
         )?;
-        Ok(Caller {
-            user_id: data.claims.sub,
-            role: data.claims.role,
-            token_id: data.claims.jti,
-        })
+        Ok((
+            Caller {
+                user_id: data.claims.sub,
+                role: data.claims.role,
+                token_id: data.claims.jti,
+            },
+            data.claims.exp,
+        ))
     }
 
     async fn key(&self, kid: &str) -> Result<DecodingKey, TokenError> {

@@ -1,0 +1,203 @@
+//! The gateway's configuration, read once at start-up.
+
+use std::{net::SocketAddr, time::Duration};
+
+use flashmesh_platform::config::{ConfigError, Env, listen_addr};
+
+use crate::rate_limit::Quota;
+
+/// RPCs callable without a token (full method names). Everything else needs
+/// a valid access token at the edge; admin checks stay in the services.
+pub const DEFAULT_PUBLIC_RPCS: &[&str] = &[
+    "flashmesh.auth.v1.AuthService/SignUp",
+    "flashmesh.auth.v1.AuthService/Login",
+    "flashmesh.auth.v1.AuthService/Refresh",
+    "flashmesh.auth.v1.AuthService/GetJwks",
+    "flashmesh.catalog.v1.CatalogService/GetProduct",
+    "flashmesh.catalog.v1.CatalogService/ListProducts",
+    "flashmesh.catalog.v1.CatalogService/GetDeal",
+    "flashmesh.catalog.v1.CatalogService/ListDeals",
+    "flashmesh.catalog.v1.CatalogService/WatchDeal",
+];
+
+/// Where each service answers: one or more addresses, balanced per call.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Full gRPC service name, e.g. `flashmesh.auth.v1.AuthService`.
+    pub service: &'static str,
+    pub urls: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `FLASHMESH_GATEWAY_ADDR`
+    pub listen_addr: SocketAddr,
+    pub upstreams: Vec<Upstream>,
+    /// `FLASHMESH_GATEWAY_TIMEOUT`: deadline of an upstream call unless the
+    /// client asks for less (`grpc-timeout` or `X-Request-Timeout`, ms).
+    pub default_timeout: Duration,
+    /// `FLASHMESH_GATEWAY_MAX_TIMEOUT`: the most a client may ask for.
+    pub max_timeout: Duration,
+    /// `FLASHMESH_GATEWAY_BODY_LIMIT`: largest request body, bytes.
+    pub body_limit: usize,
+    /// `FLASHMESH_GATEWAY_PUBLIC_RPCS`: comma-separated full method names
+    /// served without a token.
+    pub public_rpcs: Vec<String>,
+    /// `FLASHMESH_UPSTREAM_MAX_OUTSTANDING`: calls in flight per upstream;
+    /// beyond it the gateway answers 503 at once.
+    pub max_outstanding: usize,
+    /// `FLASHMESH_RATE_LIMIT_IP`: per client IP, `RATE/s` or `RATE/s:BURST`.
+    pub ip_quota: Quota,
+    /// `FLASHMESH_RATE_LIMIT_USER`: per authenticated user.
+    pub user_quota: Quota,
+    /// `FLASHMESH_CORS_ORIGINS`: comma-separated allowed origins, `*` for
+    /// any; unset means no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// `FLASHMESH_SSE_HEARTBEAT`: comment lines that keep idle event
+    /// streams open through proxies.
+    pub sse_heartbeat: Duration,
+}
+
+pub const DEFAULT_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
+fn urls(env: &Env, var: &str, default: &str) -> Vec<String> {
+    env.raw(var)
+        .unwrap_or(default)
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn quota(env: &Env, var: &str, default: Quota) -> Result<Quota, ConfigError> {
+    let Some(raw) = env.raw(var) else {
+        return Ok(default);
+    };
+    let invalid = || ConfigError {
+        var: var.to_owned(),
+        value: raw.to_owned(),
+        reason: "expected RATE/s or RATE/s:BURST with positive integers, e.g. 20/s:40".to_owned(),
+    };
+    let (rate, burst) = raw
+        .trim()
+        .split_once(':')
+        .map_or((raw.trim(), None), |(r, b)| (r, Some(b)));
+    let per_second: u32 = rate
+        .strip_suffix("/s")
+        .and_then(|r| r.trim().parse().ok())
+        .filter(|r| *r > 0)
+        .ok_or_else(invalid)?;
+    let burst = match burst {
+        Some(b) => b
+            .trim()
+            .parse()
+            .ok()
+            .filter(|b| *b > 0)
+            .ok_or_else(invalid)?,
+        None => per_second,
+    };
+    Ok(Quota { per_second, burst })
+}
+
+impl GatewayConfig {
+    /// `auth_url` is the platform's `FLASHMESH_AUTH_URL`.
+    pub fn from_env(env: &Env, auth_url: &str) -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen_addr: listen_addr(env, "FLASHMESH_GATEWAY_ADDR", DEFAULT_ADDR)?,
+            upstreams: vec![
+                Upstream {
+                    service: "flashmesh.auth.v1.AuthService",
+                    urls: urls(env, "FLASHMESH_AUTH_URL", auth_url),
+                },
+                Upstream {
+                    service: "flashmesh.catalog.v1.CatalogService",
+                    urls: urls(env, "FLASHMESH_CATALOG_URL", "http://127.0.0.1:50052"),
+                },
+                Upstream {
+                    service: "flashmesh.order.v1.OrderService",
+                    urls: urls(env, "FLASHMESH_ORDER_URL", "http://127.0.0.1:50053"),
+                },
+            ],
+            default_timeout: env
+                .duration_or("FLASHMESH_GATEWAY_TIMEOUT", Duration::from_secs(10))?,
+            max_timeout: env
+                .duration_or("FLASHMESH_GATEWAY_MAX_TIMEOUT", Duration::from_secs(30))?,
+            body_limit: env.ranged_or(
+                "FLASHMESH_GATEWAY_BODY_LIMIT",
+                64 * 1024,
+                1024..=16 << 20,
+            )?,
+            public_rpcs: env.raw("FLASHMESH_GATEWAY_PUBLIC_RPCS").map_or_else(
+                || {
+                    DEFAULT_PUBLIC_RPCS
+                        .iter()
+                        .map(|s| (*s).to_owned())
+                        .collect()
+                },
+                |raw| {
+                    raw.split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                },
+            ),
+            max_outstanding: env.ranged_or(
+                "FLASHMESH_UPSTREAM_MAX_OUTSTANDING",
+                1024,
+                1..=1_000_000,
+            )?,
+            ip_quota: quota(
+                env,
+                "FLASHMESH_RATE_LIMIT_IP",
+                Quota {
+                    per_second: 200,
+                    burst: 400,
+                },
+            )?,
+            user_quota: quota(
+                env,
+                "FLASHMESH_RATE_LIMIT_USER",
+                Quota {
+                    per_second: 50,
+                    burst: 100,
+                },
+            )?,
+            cors_origins: urls(env, "FLASHMESH_CORS_ORIGINS", ""),
+            sse_heartbeat: env.duration_or("FLASHMESH_SSE_HEARTBEAT", Duration::from_secs(15))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas_parse_or_name_their_variable() {
+        let env = Env::from_pairs([
+            ("FLASHMESH_RATE_LIMIT_IP", "20/s:40"),
+            ("FLASHMESH_RATE_LIMIT_USER", "5/s"),
+        ]);
+        let config = GatewayConfig::from_env(&env, "http://127.0.0.1:50051").unwrap();
+        assert_eq!(
+            config.ip_quota,
+            Quota {
+                per_second: 20,
+                burst: 40
+            }
+        );
+        assert_eq!(
+            config.user_quota,
+            Quota {
+                per_second: 5,
+                burst: 5
+            }
+        );
+        for bad in ["20", "0/s", "20/s:0", "fast"] {
+            let env = Env::from_pairs([("FLASHMESH_RATE_LIMIT_IP", bad)]);
+            let err = GatewayConfig::from_env(&env, "http://127.0.0.1:50051").unwrap_err();
+            assert_eq!(err.var, "FLASHMESH_RATE_LIMIT_IP", "{bad}");
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The edge gateway: the stack's only public entry point. REST/JSON in,
+//! gRPC out, routed by the contracts' `google.api.http` annotations — adding
+//! an annotated RPC to a contract exposes it, with no handler code here.
+//!
+//! Layers: [`app`] (axum: routing, edge auth, limits, streams) over
+//! [`transcode`] (routes and JSON ↔ protobuf from the descriptors),
+//! [`edge_auth`] (token verification with a cache), [`rate_limit`] (GCRA,
+//! Redis or in-process) and [`problem`] (every error as problem+json).
+
+pub mod app;
+pub mod config;
+pub mod edge_auth;
+pub mod openapi;
+pub mod problem;
+pub mod rate_limit;
+pub mod transcode;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::http::{HeaderName, HeaderValue};
+use flashmesh_platform::{
+    config::PlatformConfig,
+    identity::{AuthServiceKeys, TokenVerifier},
+    redis::RedisHandle,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::{
+    compression::CompressionLayer,
+    cors::{AllowOrigin, Any, CorsLayer},
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+};
+
+use crate::{app::Gateway, config::GatewayConfig, edge_auth::EdgeAuth, transcode::RouteTable};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the compiled-in descriptors are invalid: {0}")]
+    Descriptors(#[from] prost_reflect::DescriptorError),
+    #[error("the contracts' HTTP annotations are invalid: {0}")]
+    Routes(#[from] transcode::RouteError),
+    #[error("FLASHMESH_AUTH_URL is not a valid URL: {0}")]
+    AuthUrl(#[from] http::uri::InvalidUri),
+    #[error(transparent)]
+    Upstream(#[from] app::UpstreamError),
+}
+
+/// Verified tokens remembered at once.
+const TOKEN_CACHE_CAPACITY: u64 = 100_000;
+
+pub struct GatewayApp {
+    gateway: Arc<Gateway>,
+    cors_origins: Vec<String>,
+}
+
+impl GatewayApp {
+    pub async fn build(
+        platform: &PlatformConfig,
+        config: GatewayConfig,
+        redis: Option<&RedisHandle>,
+    ) -> Result<Self, StartError> {
+        let pool = prost_reflect::DescriptorPool::decode(flashmesh_proto::FILE_DESCRIPTOR_SET)?;
+        let routes = RouteTable::from_descriptors(&pool, &[])?;
+        let verifier = TokenVerifier::new(
+            Arc::new(AuthServiceKeys::new(&platform.auth_url)?),
+            platform.tokens.clone(),
+        );
+        let auth = EdgeAuth::new(Arc::new(verifier), TOKEN_CACHE_CAPACITY);
+        let cors_origins = config.cors_origins.clone();
+        let gateway = Gateway::new(routes, auth, rate_limit::limiter(redis), config)?;
+        Ok(Self {
+            gateway: Arc::new(gateway),
+            cors_origins,
+        })
+    }
+
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.gateway.clone()
+    }
+
+    /// Serves HTTP/1.1 and HTTP/2 (h2c) on `listener` until `shutdown`, then
+    /// lets requests in flight finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let request_id = HeaderName::from_static("x-request-id");
+        let mut router = self
+            .gateway
+            .router()
+            .layer(CompressionLayer::new())
+            .layer(PropagateRequestIdLayer::new(request_id.clone()))
+            .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+        if !self.cors_origins.is_empty() {
+            let origins = if self.cors_origins.iter().any(|o| o == "*") {
+                AllowOrigin::any()
+            } else {
+                AllowOrigin::list(
+                    self.cors_origins
+                        .iter()
+                        .filter_map(|o| HeaderValue::from_str(o).ok()),
+                )
+            };
+            router = router.layer(
+                CorsLayer::new()
+                    .allow_origin(origins)
+                    .allow_methods(Any)
+                    .allow_headers(Any),
+            );
+        }
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    }
+}

@@ -1,0 +1,222 @@
+//! N concurrent callers for a fixed time, their answers tallied and their
+//! latencies in an HDR histogram.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use crate::stack::Mode;
+
+/// A call's answer, other than an error.
+pub enum Outcome {
+    /// Done; `units` of stock it took (0 for reads and replays).
+    Ok { units: u64 },
+    /// FAILED_PRECONDITION (SOLD_OUT, LIMIT_EXCEEDED, …): a correct, fast
+    /// answer, counted apart by its ErrorInfo reason.
+    Refused(String),
+}
+
+/// FAILED_PRECONDITION is a refusal; any other status is an error.
+pub fn refusal(status: Status) -> Result<Outcome, Status> {
+    if status.code() == Code::FailedPrecondition {
+        Ok(Outcome::Refused(
+            reason(&status).unwrap_or_else(|| "FAILED_PRECONDITION".to_owned()),
+        ))
+    } else {
+        Err(status)
+    }
+}
+
+/// The google.rpc.ErrorInfo reason of a status, if it carries one.
+fn reason(status: &Status) -> Option<String> {
+    status
+        .check_error_details()
+        .ok()?
+        .error_info()
+        .map(|info| info.reason.clone())
+}
+
+/// `CODE` or `CODE/REASON`, e.g. `UNAVAILABLE/CATALOG_UNAVAILABLE`.
+fn error_label(status: &Status) -> String {
+    let code = code_name(status.code());
+    match reason(status) {
+        Some(reason) => format!("{code}/{reason}"),
+        None => code.to_owned(),
+    }
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// What one scenario measured.
+pub struct Row {
+    pub scenario: String,
+    pub mode: Mode,
+    pub callers: usize,
+    pub ok: u64,
+    /// Units taken, summed over OK answers.
+    pub units: u64,
+    /// Refusals by reason.
+    pub refused: BTreeMap<String, u64>,
+    /// Errors by `CODE/REASON`, with the first message seen.
+    pub errors: BTreeMap<String, (u64, String)>,
+    pub elapsed: Duration,
+    /// When the last OK answer arrived, from the start.
+    pub last_ok: Option<Duration>,
+    /// Every answer.
+    pub latency: Histogram<u64>,
+    /// OK answers only.
+    pub ok_latency: Histogram<u64>,
+}
+
+impl Row {
+    pub fn calls(&self) -> u64 {
+        self.latency.len()
+    }
+
+    pub fn refused_total(&self) -> u64 {
+        self.refused.values().sum()
+    }
+
+    pub fn errors_total(&self) -> u64 {
+        self.errors.values().map(|(n, _)| n).sum()
+    }
+
+    /// Answers per second.
+    pub fn throughput(&self) -> f64 {
+        self.calls() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// OK answers per second.
+    pub fn ok_throughput(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn merge(&mut self, other: Self) {
+        self.ok += other.ok;
+        self.units += other.units;
+        for (reason, n) in other.refused {
+            *self.refused.entry(reason).or_default() += n;
+        }
+        for (label, (n, sample)) in other.errors {
+            self.errors.entry(label).or_insert((0, sample)).0 += n;
+        }
+        self.last_ok = self.last_ok.max(other.last_ok);
+        // Same bounds, so adding cannot fail.
+        let _ = self.latency.add(other.latency);
+        let _ = self.ok_latency.add(other.ok_latency);
+    }
+
+    fn empty(scenario: &str, mode: Mode, callers: usize) -> Self {
+        Self {
+            scenario: scenario.to_owned(),
+            mode,
+            callers,
+            ok: 0,
+            units: 0,
+            refused: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            elapsed: Duration::ZERO,
+            last_ok: None,
+            latency: latency_histogram(),
+            ok_latency: latency_histogram(),
+        }
+    }
+}
+
+/// Runs `call` from `callers` concurrent loops for `duration`. Caller `c`
+/// passes `c`, `c + callers`, `c + 2 * callers`, … to its successive calls.
+pub async fn run<F, Fut>(
+    scenario: &str,
+    mode: Mode,
+    callers: usize,
+    duration: Duration,
+    call: F,
+) -> Row
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Outcome, Status>> + Send + 'static,
+{
+    eprintln!("  {scenario}: {callers} callers for {duration:?}");
+    let call = Arc::new(call);
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut loops = Vec::with_capacity(callers);
+    for caller in 0..callers {
+        let call = call.clone();
+        loops.push(async move {
+            let mut row = Row::empty(scenario, mode, callers);
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                let began = Instant::now();
+                let answer = call(caller + n * callers).await;
+                let micros = u64::try_from(began.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                row.latency.saturating_record(micros);
+                match answer {
+                    Ok(Outcome::Ok { units }) => {
+                        row.ok += 1;
+                        row.units += units;
+                        row.ok_latency.saturating_record(micros);
+                        row.last_ok = Some(started.elapsed());
+                    }
+                    Ok(Outcome::Refused(reason)) => *row.refused.entry(reason).or_default() += 1,
+                    Err(status) => {
+                        row.errors
+                            .entry(error_label(&status))
+                            .or_insert_with(|| (0, status.message().to_owned()))
+                            .0 += 1;
+                    }
+                }
+                n += 1;
+            }
+            row
+        });
+    }
+    let results = futures::future::join_all(loops).await;
+    let mut row = Row::empty(scenario, mode, callers);
+    row.elapsed = started.elapsed();
+    for result in results {
+        row.merge(result);
+    }
+    for (label, (n, sample)) in &row.errors {
+        eprintln!("    {n} × {label}, first: {sample}");
+    }
+    row
+}
+
+/// 1 µs to 60 s at 3 significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Milliseconds at quantile `q`.
+pub fn ms_at(histogram: &Histogram<u64>, q: f64) -> f64 {
+    histogram.value_at_quantile(q) as f64 / 1000.0
+}

@@ -1,0 +1,427 @@
+//! The edge gateway over HTTP/1.1 with a real HTTP client, in front of the
+//! real services.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{
+    Backend, GatewayReplica, OrderStack, PASSWORD, StackEnv, bad_tokens, now_ms, unique_email,
+};
+use futures::StreamExt;
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{Value, json};
+
+on_both_backends!(
+    a_buyer_goes_from_signup_to_order_over_http,
+    bad_requests_get_problem_json_and_never_reach_upstream,
+);
+
+async fn gateway_stack(env: &mut StackEnv) -> (OrderStack, GatewayReplica) {
+    env.set("FLASHMESH_CONCURRENCY_LIMIT", "10000");
+    let stack = env.start_orders().await;
+    let gateway = env.start_gateway(&stack).await;
+    (stack, gateway)
+}
+
+fn http() -> Client {
+    Client::builder()
+        .http1_only()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("an HTTP client")
+}
+
+async fn json_of(response: Response) -> (StatusCode, String, Value) {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = response.text().await.expect("a body");
+    let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    (status, content_type, value)
+}
+
+/// Asserts a problem+json answer with `status` and `code`; returns it.
+async fn problem(response: Response, status: StatusCode, code: &str) -> Value {
+    let (got, content_type, body) = json_of(response).await;
+    assert_eq!(got, status, "{body}");
+    assert_eq!(content_type, "application/problem+json", "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert!(
+        body["title"].is_string() && body["type"].is_string(),
+        "{body}"
+    );
+    body
+}
+
+async fn sign_up_and_login(http: &Client, gateway: &GatewayReplica) -> Value {
+    let credentials = json!({"email": unique_email(), "password": PASSWORD});
+    let (status, _, signed_up) = json_of(
+        http.post(gateway.url("/v1/auth/signup"))
+            .json(&credentials)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{signed_up}");
+    let (status, _, logged_in) = json_of(
+        http.post(gateway.url("/v1/auth/login"))
+            .json(&credentials)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{logged_in}");
+    logged_in["tokens"].clone()
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .expect("a time")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+async fn a_buyer_goes_from_signup_to_order_over_http(backend: Backend) {
+    let mut env = StackEnv::new(backend).await;
+    let (stack, gateway) = gateway_stack(&mut env).await;
+    let http = http();
+
+    // Refresh rotation; presenting a spent refresh token revokes the family.
+    let tokens = sign_up_and_login(&http, &gateway).await;
+    let first = tokens["refresh_token"].as_str().unwrap().to_owned();
+    let (status, _, rotated) = json_of(
+        http.post(gateway.url("/v1/auth/refresh"))
+            .json(&json!({"refresh_token": first}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let second = rotated["tokens"]["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reuse = http
+        .post(gateway.url("/v1/auth/refresh"))
+        .json(&json!({"refresh_token": first}))
+        .send()
+        .await
+        .unwrap();
+    problem(reuse, StatusCode::UNAUTHORIZED, "REFRESH_TOKEN_REUSED").await;
+    let revoked = http
+        .post(gateway.url("/v1/auth/refresh"))
+        .json(&json!({"refresh_token": second}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::UNAUTHORIZED);
+
+    // An admin creates a product and a three-unit deal.
+    let admin = &stack.catalog.admin_token;
+    let (status, _, product) = json_of(
+        http.post(gateway.url("/v1/products"))
+            .bearer_auth(admin)
+            .json(&json!({"name": "Mechanical keyboard", "price_cents": "12900"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{product}");
+    let (status, _, deal) = json_of(
+        http.post(gateway.url("/v1/deals"))
+            .bearer_auth(admin)
+            .json(&json!({
+                "product_id": product["product"]["id"],
+                "price_cents": 9900,
+                "stock": 3,
+                "per_user_limit": 1,
+                "starts_at": rfc3339(now_ms() - 1_000),
+                "ends_at": rfc3339(now_ms() + 3_600_000),
+            }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{deal}");
+    let deal_id = deal["deal"]["id"].as_str().unwrap().to_owned();
+    let (status, _, read) = json_of(
+        http.get(gateway.url(&format!("/v1/deals/{deal_id}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(read["deal"]["remaining_stock"], 3);
+    assert_eq!(read["deal"]["state"], "DEAL_STATE_ACTIVE");
+
+    // A watcher follows the stock over SSE while four buyers race for it.
+    let events = http
+        .get(gateway.url(&format!("/v1/deals/{deal_id}/events")))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
+    assert!(
+        events.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let watcher = tokio::spawn(async move {
+        let mut body = events.bytes_stream();
+        let mut buffer = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let event: String = buffer.drain(..end + 2).collect();
+                for line in event.lines() {
+                    if let Some(data) = line.strip_prefix("data: ")
+                        && let Ok(value) = serde_json::from_str::<Value>(data)
+                    {
+                        let _ = seen_tx.send(value);
+                    }
+                }
+            }
+        }
+    });
+
+    let mut buyers = Vec::new();
+    for _ in 0..4 {
+        buyers.push(
+            sign_up_and_login(&http, &gateway).await["access_token"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let mut orders = Vec::new();
+    let mut sold_out = 0;
+    for (n, token) in buyers.iter().enumerate() {
+        let response = http
+            .post(gateway.url("/v1/orders"))
+            .bearer_auth(token)
+            .header("idempotency-key", format!("checkout-{n}"))
+            .json(&json!({"deal_id": deal_id, "quantity": 1}))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::CONFLICT {
+            let body = problem(response, StatusCode::CONFLICT, "SOLD_OUT").await;
+            assert_eq!(body["metadata"]["remainingStock"], "0", "{body}");
+            sold_out += 1;
+        } else {
+            let (status, _, order) = json_of(response).await;
+            assert_eq!(status, StatusCode::OK, "{order}");
+            assert_eq!(order["order"]["state"], "ORDER_STATE_CONFIRMED");
+            orders.push((
+                token.clone(),
+                n,
+                order["order"]["id"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    assert_eq!((orders.len(), sold_out), (3, 1));
+
+    // The same Idempotency-Key replays the same order.
+    let (token, n, id) = &orders[0];
+    let (status, _, replay) = json_of(
+        http.post(gateway.url("/v1/orders"))
+            .bearer_auth(token)
+            .header("idempotency-key", format!("checkout-{n}"))
+            .json(&json!({"deal_id": deal_id, "quantity": 1}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{replay}");
+    assert_eq!(replay["order"]["id"], id.as_str());
+    let (status, _, listed) = json_of(
+        http.get(gateway.url("/v1/orders"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["orders"].as_array().map(Vec::len), Some(1));
+
+    // The watcher saw the stock fall to zero.
+    let started = Instant::now();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+            .await
+            .expect("SSE events arrive")
+            .expect("the stream stays open");
+        if event["event"]["remaining_stock"] == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    watcher.abort();
+
+    let anonymous = http.get(gateway.url("/v1/orders")).send().await.unwrap();
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    problem(anonymous, StatusCode::UNAUTHORIZED, "TOKEN_MISSING").await;
+}
+
+async fn bad_requests_get_problem_json_and_never_reach_upstream(backend: Backend) {
+    let mut env = StackEnv::new(backend).await;
+    let (stack, gateway) = gateway_stack(&mut env).await;
+    let http = http();
+    let tokens = sign_up_and_login(&http, &gateway).await;
+    let valid = tokens["access_token"].as_str().unwrap().to_owned();
+    let (status, _, me) = json_of(
+        http.get(gateway.url("/v1/me"))
+            .bearer_auth(&valid)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    let user_id = me["user"]["id"].as_str().unwrap().to_owned();
+
+    // Every kind of bad token is refused at the edge: no upstream call.
+    let before = gateway.gateway.upstream_calls();
+    for bad in bad_tokens(&env, &valid, &user_id) {
+        let response = http
+            .get(gateway.url("/v1/me"))
+            .bearer_auth(&bad.token)
+            .send()
+            .await
+            .unwrap();
+        let header = response.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(header.starts_with("Bearer"), "{}: {header}", bad.case);
+        let body = problem(response, StatusCode::UNAUTHORIZED, bad.reason).await;
+        assert!(body["detail"].is_string(), "{}", bad.case);
+    }
+    let basic = http
+        .get(gateway.url("/v1/me"))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .send()
+        .await
+        .unwrap();
+    problem(basic, StatusCode::UNAUTHORIZED, "TOKEN_INVALID").await;
+    assert_eq!(
+        gateway.gateway.upstream_calls(),
+        before,
+        "no bad token reached a service"
+    );
+
+    let missing = http
+        .get(gateway.url("/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
+    problem(missing, StatusCode::NOT_FOUND, "ROUTE_NOT_FOUND").await;
+    let wrong_method = http
+        .delete(gateway.url("/v1/orders"))
+        .bearer_auth(&valid)
+        .send()
+        .await
+        .unwrap();
+    let allow = wrong_method.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    problem(
+        wrong_method,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+    )
+    .await;
+    let text = http
+        .post(gateway.url("/v1/orders"))
+        .bearer_auth(&valid)
+        .header("content-type", "text/plain")
+        .body("deal please")
+        .send()
+        .await
+        .unwrap();
+    problem(
+        text,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "UNSUPPORTED_MEDIA_TYPE",
+    )
+    .await;
+    let malformed = http
+        .post(gateway.url("/v1/orders"))
+        .bearer_auth(&valid)
+        .header("content-type", "application/json")
+        .body("{\"deal_id\": ")
+        .send()
+        .await
+        .unwrap();
+    problem(malformed, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
+    let unknown_field = http
+        .post(gateway.url("/v1/orders"))
+        .bearer_auth(&valid)
+        .json(&json!({"deal_id": "x", "quantity": 1, "idempotency_key": "k", "coupon": "FREE"}))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(unknown_field, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
+    assert!(
+        body["errors"][0]["field"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("coupon")
+            || body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("coupon"),
+        "{body}"
+    );
+    let too_big = http
+        .post(gateway.url("/v1/orders"))
+        .bearer_auth(&valid)
+        .json(&json!({"idempotency_key": "k".repeat(100_000)}))
+        .send()
+        .await
+        .unwrap();
+    problem(too_big, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE").await;
+
+    // A service's own field violations come through as problem errors.
+    let invalid = http
+        .post(gateway.url("/v1/orders"))
+        .bearer_auth(&valid)
+        .json(&json!({"deal_id": "not-a-uuid", "quantity": 0, "idempotency_key": "k"}))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(invalid, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
+    let fields: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["deal_id", "quantity"]);
+
+    // An upstream that is gone answers 503 at once, not a hang.
+    let started = Instant::now();
+    drop(stack);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gone = http
+        .get(gateway.url("/v1/orders"))
+        .bearer_auth(&valid)
+        .send()
+        .await
+        .unwrap();
+    problem(gone, StatusCode::SERVICE_UNAVAILABLE, "UPSTREAM_UNAVAILABLE").await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
