@@ -213,7 +213,8 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     };
     let banner = format!(
         "flashmesh is up ({store}; {mode})\n  gateway  http://{gateway_addr}\n  auth     grpc://{auth_addr}\n  catalog  grpc://{catalog_addr}\n  order    grpc://{order_addr}\n\n\
-         Try:\n  grpcurl -plaintext {auth_addr} list\n  \
+         Try:\n  curl -s 'http://{gateway_addr}/v1/deals?states=DEAL_STATE_ACTIVE'\n  \
+         grpcurl -plaintext {auth_addr} list\n  \
          grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
          {auth_addr} flashmesh.auth.v1.AuthService/SignUp\n  \
          grpcurl -plaintext {catalog_addr} flashmesh.catalog.v1.CatalogService/ListDeals"

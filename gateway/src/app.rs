@@ -56,6 +56,9 @@ pub struct Gateway {
     limiter: Arc<dyn RateLimiter>,
     config: GatewayConfig,
     upstream_calls: AtomicU64,
+    /// `/openapi.json` and `/docs`, rendered once from the same routes.
+    openapi: String,
+    docs: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,11 +103,16 @@ impl Gateway {
                 },
             );
         }
+        let public: HashSet<String> = config.public_rpcs.iter().cloned().collect();
+        let document = crate::openapi::document(&routes, &public, None);
+        let docs = crate::openapi::docs_page(&document);
         Ok(Self {
+            openapi: document.to_string(),
+            docs,
             routes,
             upstreams,
             auth,
-            public: config.public_rpcs.iter().cloned().collect(),
+            public,
             limiter,
             config,
             upstream_calls: AtomicU64::new(0),
@@ -122,6 +130,21 @@ impl Gateway {
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
+            .route(
+                "/openapi.json",
+                get(|State(gateway): State<Arc<Gateway>>| async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        gateway.openapi.clone(),
+                    )
+                }),
+            )
+            .route(
+                "/docs",
+                get(|State(gateway): State<Arc<Gateway>>| async move {
+                    axum::response::Html(gateway.docs.clone())
+                }),
+            )
             .fallback(dispatch)
             .with_state(self)
     }

@@ -8,7 +8,9 @@
 //! replay) with and without the gate, and a count of every unit afterwards.
 //! Each prints Markdown tables.
 
+mod bare_hop;
 mod catalog;
+mod gateway;
 mod orders;
 mod run;
 mod stack;
@@ -76,6 +78,22 @@ enum Bench {
         #[arg(long, default_value_t = 10_000)]
         count: usize,
     },
+    /// The edge gateway next to direct gRPC and a bare REST → gRPC hop
+    /// (GetDeal cache-hot, GetMe), and memory per SSE stream.
+    Gateway {
+        #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 64)]
+        callers: usize,
+        #[arg(long, default_value_t = 4)]
+        grpc_channels: usize,
+        #[arg(long, default_value_t = 2)]
+        hop_threads: usize,
+        #[arg(long, default_value_t = 10_000)]
+        sse: usize,
+        #[arg(long, default_value_t = 256)]
+        sse_parallel: usize,
+    },
 }
 
 #[tokio::main]
@@ -121,5 +139,23 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Bench::Watchers { count } => catalog::watchers(&backends, count).await,
+        Bench::Gateway {
+            duration,
+            callers,
+            grpc_channels,
+            hop_threads,
+            sse,
+            sse_parallel,
+        } => {
+            let options = gateway::GatewayOptions {
+                duration,
+                callers,
+                grpc_channels,
+                hop_threads,
+                sse,
+                sse_parallel,
+            };
+            gateway::gateway(&backends, &options).await
+        }
     }
 }

@@ -66,6 +66,8 @@ pub struct Stack {
     admin_url: String,
     /// Redis URL and key prefix, when the stack uses Redis.
     redis: Option<(String, String)>,
+    /// The edge gateway's HTTP address.
+    pub gateway_addr: String,
     pub auth_addr: String,
     pub catalog_addr: String,
     pub order_addr: String,
@@ -155,7 +157,16 @@ impl Stack {
         let stdout = child.stdout.take().context("stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let (mut auth_addr, mut catalog_addr, mut order_addr) = (None, None, None);
+        let mut gateway_addr = None;
         while let Some(line) = lines.next_line().await? {
+            if let Some(("gateway", addr)) = line
+                .trim()
+                .split_once(" http://")
+                .map(|(s, a)| (s.trim(), a))
+            {
+                gateway_addr = Some(addr.trim().to_owned());
+                continue;
+            }
             let Some((service, addr)) = line.trim().split_once(" grpc://") else {
                 continue;
             };
@@ -170,10 +181,12 @@ impl Stack {
                 break;
             }
         }
-        let (Some(auth_addr), Some(catalog_addr), Some(order_addr)) =
-            (auth_addr, catalog_addr, order_addr)
+        let (Some(gateway_addr), Some(auth_addr), Some(catalog_addr), Some(order_addr)) =
+            (gateway_addr, auth_addr, catalog_addr, order_addr)
         else {
-            bail!("flashmesh up did not start (no auth, catalog and order lines in its banner)");
+            bail!(
+                "flashmesh up did not start (no gateway, auth, catalog and order lines in its banner)"
+            );
         };
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
@@ -197,6 +210,7 @@ impl Stack {
             database,
             admin_url: admin_url.to_owned(),
             redis,
+            gateway_addr,
             auth_addr,
             catalog_addr,
             order_addr,
@@ -227,6 +241,14 @@ impl Stack {
             .await?
             .into_iter()
             .map(CatalogServiceClient::new)
+            .collect())
+    }
+
+    pub async fn auth_clients(&self, n: usize) -> anyhow::Result<Vec<AuthServiceClient<Channel>>> {
+        Ok(Self::channels(&self.auth_addr, n)
+            .await?
+            .into_iter()
+            .map(AuthServiceClient::new)
             .collect())
     }
 
@@ -401,6 +423,7 @@ fn stack_env(database_url: &str, data_dir: &std::path::Path) -> Vec<(String, Str
     vec![
         ("DATABASE_URL".into(), database_url.into()),
         ("FLASHMESH_DATA_DIR".into(), data_dir.display().to_string()),
+        ("FLASHMESH_GATEWAY_ADDR".into(), "127.0.0.1:0".into()),
         ("FLASHMESH_AUTH_ADDR".into(), "127.0.0.1:0".into()),
         ("FLASHMESH_CATALOG_ADDR".into(), "127.0.0.1:0".into()),
         ("FLASHMESH_ORDER_ADDR".into(), "127.0.0.1:0".into()),

@@ -532,6 +532,7 @@ fn readme_documents_every_configuration_variable() {
         "services/auth/src/config.rs",
         "services/catalog/src/config.rs",
         "services/order/src/config.rs",
+        "gateway/src/config.rs",
     ] {
         let code = std::fs::read_to_string(repo_root().join(source)).expect("config source");
         for var in env_vars_in(&code) {

@@ -422,6 +422,127 @@ async fn bad_requests_get_problem_json_and_never_reach_upstream(backend: Backend
         .send()
         .await
         .unwrap();
-    problem(gone, StatusCode::SERVICE_UNAVAILABLE, "UPSTREAM_UNAVAILABLE").await;
+    problem(
+        gone,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "UPSTREAM_UNAVAILABLE",
+    )
+    .await;
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_headers_per_client() {
+    let mut env = StackEnv::new(Backend::Postgres).await;
+    env.set("FLASHMESH_RATE_LIMIT_IP", "1/s:5");
+    let (_stack, gateway) = gateway_stack(&mut env).await;
+    let http = http();
+    let mut allowed = 0;
+    let mut limited = 0;
+    for _ in 0..12 {
+        let response = http.get(gateway.url("/v1/deals")).send().await.unwrap();
+        assert!(response.headers().contains_key("ratelimit-limit"));
+        assert!(response.headers().contains_key("ratelimit-remaining"));
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after: u64 = response.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=2).contains(&retry_after), "{retry_after}");
+            problem(response, StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED").await;
+            limited += 1;
+        } else {
+            assert_eq!(response.status(), StatusCode::OK);
+            allowed += 1;
+        }
+    }
+    // The burst, plus at most one refill while the loop ran.
+    assert!((5..=6).contains(&allowed), "{allowed} allowed");
+    assert_eq!(allowed + limited, 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_come_as_ndjson_when_asked() {
+    let mut env = StackEnv::new(Backend::Embedded).await;
+    let (stack, gateway) = gateway_stack(&mut env).await;
+    let mut catalog = stack.catalog.catalog_client().await;
+    let deal = crate::common::create_deal(
+        &mut catalog,
+        &stack.catalog.admin_token,
+        10,
+        2,
+        crate::common::open_window(),
+    )
+    .await;
+    let response = http()
+        .get(gateway.url(&format!("/v1/deals/{}/events", deal.id)))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let mut body = response.bytes_stream();
+    let mut line = Vec::new();
+    while !line.contains(&b'\n') {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("the snapshot arrives")
+            .expect("the stream stays open")
+            .unwrap();
+        line.extend_from_slice(&chunk);
+    }
+    let end = line.iter().position(|b| *b == b'\n').unwrap();
+    let first: Value = serde_json::from_slice(&line[..end]).unwrap();
+    assert_eq!(first["event"]["type"], "DEAL_EVENT_TYPE_SNAPSHOT");
+    assert_eq!(first["event"]["remaining_stock"], 10);
+}
+
+/// schemathesis generates requests from `/openapi.json` (valid and invalid
+/// ones) and checks every answer: never a 5xx, always what the document says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
+    let mut env = StackEnv::new(Backend::Postgres).await;
+    env.set("FLASHMESH_RATE_LIMIT_IP", "100000/s:100000")
+        .set("FLASHMESH_RATE_LIMIT_USER", "100000/s:100000");
+    let (_stack, gateway) = gateway_stack(&mut env).await;
+    let tokens = sign_up_and_login(&http(), &gateway).await;
+    let token = tokens["access_token"].as_str().unwrap();
+    let schema = gateway.url("/openapi.json");
+    let output = tokio::process::Command::new(crate::common::tools().join("st"))
+        .args(["run", &schema, "--url", &gateway.url("")])
+        .args([
+            "--checks",
+            "not_a_server_error,response_schema_conformance,content_type_conformance",
+        ])
+        .args([
+            "--max-examples",
+            "15",
+            "--seed",
+            "20261122",
+            "--request-timeout",
+            "10",
+        ])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("run schemathesis");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "schemathesis failed:\n{report}");
+    // It really exercised the API: every documented operation, hundreds of cases.
+    let operations = gateway.gateway.routes.routes().count();
+    assert!(
+        report.contains(&format!("Tested: {operations}")),
+        "{report}"
+    );
+    assert!(
+        report.contains(" generated, ") && !report.contains(" failed"),
+        "{report}"
+    );
 }

@@ -1,0 +1,444 @@
+//! `flashmesh-loadtest gateway`: what the edge gateway costs. Cache-hot
+//! `GET /v1/deals/{id}` and authenticated `GET /v1/me` through the gateway,
+//! next to the same RPCs called directly over gRPC and through a bare
+//! pass-through hop ([`crate::bare_hop`]); then the memory of 10,000
+//! concurrent SSE streams (`GET /v1/deals/{id}/events`).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use flashmesh_proto::{auth::v1::GetMeRequest, catalog::v1::GetDealRequest};
+use futures::StreamExt;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+};
+
+use crate::{
+    bare_hop,
+    run::{Outcome, Row, ms_at, run},
+    stack::{Backends, Mode, Stack},
+};
+
+pub struct GatewayOptions {
+    pub duration: Duration,
+    pub callers: usize,
+    pub grpc_channels: usize,
+    pub hop_threads: usize,
+    pub sse: usize,
+    pub sse_parallel: usize,
+}
+
+/// Limits far above anything the bench reaches, so none throttles it.
+const STACK_ENV: &[(&str, &str)] = &[
+    ("FLASHMESH_RATE_LIMIT_IP", "1000000/s:1000000"),
+    ("FLASHMESH_RATE_LIMIT_USER", "1000000/s:1000000"),
+    ("FLASHMESH_UPSTREAM_MAX_OUTSTANDING", "1000000"),
+];
+
+pub async fn gateway(backends: &Backends, options: &GatewayOptions) -> anyhow::Result<()> {
+    let stack = Stack::up(Mode::RedisGate, backends, STACK_ENV).await?;
+    let result = bench(&stack, options).await;
+    stack.down().await?;
+    result
+}
+
+/// One measured scenario: the run, and CPU ticks spent meanwhile by the
+/// `flashmesh up` process, the whole loadtest process and the hop's threads.
+struct Measured {
+    target: &'static str,
+    row: Row,
+    server_ticks: u64,
+    loadtest_ticks: u64,
+    hop_ticks: u64,
+}
+
+async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
+    let pid = stack.child.id().context("running")?;
+    let deal = stack.create_deal(1_000_000, 1_000_000).await?;
+    let bearer = stack.sign_up_users(1, 1).await?.pop().context("one user")?;
+    let gateway = stack.gateway_addr.clone();
+    let hop = bare_hop::start(
+        &stack.catalog_addr,
+        &stack.auth_addr,
+        options.hop_threads,
+        1,
+    )
+    .await?;
+
+    let sse = sse_memory(pid, &gateway, &deal, options.sse, options.sse_parallel).await?;
+
+    let mut rows = Vec::new();
+    let http = |url: String, bearer: Option<String>| {
+        let callers = options.callers;
+        let clients: Arc<Vec<reqwest::Client>> = Arc::new(
+            (0..callers)
+                .map(|_| {
+                    reqwest::Client::builder()
+                        .http1_only()
+                        .pool_max_idle_per_host(1)
+                        .build()
+                        .expect("HTTP client")
+                })
+                .collect(),
+        );
+        let (url, bearer) = (Arc::new(url), Arc::new(bearer));
+        move |i: usize| {
+            let client = clients[i % callers].clone();
+            let (url, bearer) = (url.clone(), bearer.clone());
+            async move { http_get(&client, &url, bearer.as_deref()).await }
+        }
+    };
+    let deal_path = format!("/v1/deals/{deal}");
+    let hop_deal_path = format!("/deals/{deal}");
+    let bearer_str = bearer.to_str()?.to_owned();
+
+    // GetDeal, cache-hot: one call first so the deal is cached.
+    let catalog = stack.catalog_clients(options.grpc_channels).await?;
+    catalog[0]
+        .clone()
+        .get_deal(GetDealRequest { id: deal.clone() })
+        .await?;
+    rows.push(
+        measure(pid, "gateway", "GetDeal", options, {
+            http(format!("http://{gateway}{deal_path}"), None)
+        })
+        .await,
+    );
+    rows.push(
+        measure(pid, "direct gRPC", "GetDeal", options, {
+            let (catalog, deal) = (Arc::new(catalog), Arc::new(deal.clone()));
+            move |i: usize| {
+                let mut client = catalog[i % catalog.len()].clone();
+                let id = deal.as_ref().clone();
+                async move {
+                    client.get_deal(GetDealRequest { id }).await?;
+                    Ok::<_, Status>(Outcome::Ok { units: 0 })
+                }
+            }
+        })
+        .await,
+    );
+    rows.push(
+        measure(pid, "bare hop", "GetDeal", options, {
+            http(format!("http://{}{hop_deal_path}", hop.addr), None)
+        })
+        .await,
+    );
+
+    // GetMe with a signed-up user's token.
+    let auth = Arc::new(stack.auth_clients(options.grpc_channels).await?);
+    rows.push(
+        measure(pid, "gateway", "GetMe", options, {
+            http(format!("http://{gateway}/v1/me"), Some(bearer_str.clone()))
+        })
+        .await,
+    );
+    rows.push(
+        measure(pid, "direct gRPC", "GetMe", options, {
+            let bearer: MetadataValue<Ascii> = bearer.clone();
+            move |i: usize| {
+                let mut client = auth[i % auth.len()].clone();
+                let mut request = Request::new(GetMeRequest {});
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
+                async move {
+                    client.get_me(request).await?;
+                    Ok::<_, Status>(Outcome::Ok { units: 0 })
+                }
+            }
+        })
+        .await,
+    );
+    rows.push(
+        measure(pid, "bare hop", "GetMe", options, {
+            http(format!("http://{}/me", hop.addr), Some(bearer_str.clone()))
+        })
+        .await,
+    );
+    drop(hop);
+
+    print_report(options, &rows, &sse);
+    Ok(())
+}
+
+async fn http_get(
+    client: &reqwest::Client,
+    url: &str,
+    bearer: Option<&str>,
+) -> Result<Outcome, Status> {
+    let mut request = client.get(url);
+    if let Some(bearer) = bearer {
+        request = request.header("authorization", bearer);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    if status.is_success() {
+        Ok(Outcome::Ok { units: 0 })
+    } else {
+        Err(Status::unknown(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        )))
+    }
+}
+
+async fn measure<F, Fut>(
+    pid: u32,
+    target: &'static str,
+    rpc: &str,
+    options: &GatewayOptions,
+    call: F,
+) -> Measured
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Outcome, Status>> + Send + 'static,
+{
+    let (server, loadtest, hop) = (
+        process_cpu_ticks(pid),
+        process_cpu_ticks(std::process::id()),
+        bare_hop::threads_cpu_ticks(),
+    );
+    let row = run(
+        &format!("{rpc} via {target}"),
+        Mode::RedisGate,
+        options.callers,
+        options.duration,
+        call,
+    )
+    .await;
+    Measured {
+        target,
+        row,
+        server_ticks: process_cpu_ticks(pid).saturating_sub(server),
+        loadtest_ticks: process_cpu_ticks(std::process::id()).saturating_sub(loadtest),
+        hop_ticks: bare_hop::threads_cpu_ticks().saturating_sub(hop),
+    }
+}
+
+/// utime + stime (clock ticks) from the text of a /proc/.../stat file.
+pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // Fields after the parenthesised command name, which may hold spaces:
+    // state is field 3, utime 14 and stime 15.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn process_cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .as_deref()
+        .and_then(stat_cpu_ticks)
+        .unwrap_or(0)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux in practice).
+fn ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+struct SseMemory {
+    wanted: usize,
+    opened: usize,
+    failures: Vec<(usize, String)>,
+    open_time: Duration,
+    rss_before: u64,
+    rss_after: u64,
+    rss_closed: u64,
+}
+
+/// Opens `count` SSE streams through the gateway, `parallel` at a time, each
+/// a raw TCP connection read until its first `data:` line; RSS of the
+/// `flashmesh up` process before, with all open, and after closing them.
+async fn sse_memory(
+    pid: u32,
+    gateway: &str,
+    deal: &str,
+    count: usize,
+    parallel: usize,
+) -> anyhow::Result<SseMemory> {
+    eprintln!("  SSE: {count} streams on GET /v1/deals/{{id}}/events");
+    let request = Arc::new(format!(
+        "GET /v1/deals/{deal}/events HTTP/1.1\r\nHost: {gateway}\r\nAccept: text/event-stream\r\n\r\n"
+    ));
+    // One stream first, so lazily built state (routes, upstream channel) is
+    // not counted per connection.
+    drop(open_sse(gateway, &request).await?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss_kib(pid)?;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let results: Vec<anyhow::Result<TcpStream>> = futures::stream::iter(0..count)
+        .map(|_| {
+            let request = request.clone();
+            async move {
+                tokio::time::timeout_at(deadline, open_sse(gateway, &request))
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no snapshot within 90 s")))
+            }
+        })
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    let open_time = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = rss_kib(pid)?;
+    let mut streams = Vec::with_capacity(count);
+    let mut failures: Vec<(usize, String)> = Vec::new();
+    for result in results {
+        match result {
+            Ok(stream) => streams.push(stream),
+            Err(e) => {
+                let message = format!("{e:#}");
+                match failures.iter_mut().find(|(_, m)| *m == message) {
+                    Some((n, _)) => *n += 1,
+                    None => failures.push((1, message)),
+                }
+            }
+        }
+    }
+    let opened = streams.len();
+    drop(streams);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_closed = rss_kib(pid)?;
+    eprintln!("    {opened} open in {open_time:?}");
+    for (n, message) in &failures {
+        eprintln!("    {n} × failed: {message}");
+    }
+    Ok(SseMemory {
+        wanted: count,
+        opened,
+        failures,
+        open_time,
+        rss_before,
+        rss_after,
+        rss_closed,
+    })
+}
+
+async fn open_sse(gateway: &str, request: &str) -> anyhow::Result<TcpStream> {
+    let mut stream = TcpStream::connect(gateway).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut received = Vec::with_capacity(1024);
+    let mut buffer = [0u8; 2048];
+    loop {
+        let n = stream.read(&mut buffer).await?;
+        if n == 0 {
+            bail!(
+                "closed before the first event: {}",
+                String::from_utf8_lossy(&received)
+            );
+        }
+        received.extend_from_slice(&buffer[..n]);
+        if received.windows(6).any(|w| w == b"\ndata:") {
+            break;
+        }
+        if received.len() > 64 * 1024 {
+            bail!("no data: line in the first 64 KiB");
+        }
+    }
+    if !received.starts_with(b"HTTP/1.1 200") {
+        let head = String::from_utf8_lossy(&received);
+        bail!("{}", head.lines().next().unwrap_or_default());
+    }
+    Ok(stream)
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/<pid>/status")
+}
+
+fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
+    let tick_us = 1e6 / ticks_per_second();
+    println!(
+        "flashmesh-loadtest gateway --duration {:?} --callers {} --grpc-channels {} --hop-threads {} --sse {}\n",
+        options.duration, options.callers, options.grpc_channels, options.hop_threads, options.sse
+    );
+    println!(
+        "| RPC | via | callers | requests/s | p50 ms | p99 ms | errors | `flashmesh up` CPU µs/req | bare-hop threads CPU µs/req | loadtest process CPU µs/req |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for m in rows {
+        let row = &m.row;
+        let per = |ticks: u64| ticks as f64 * tick_us / row.ok.max(1) as f64;
+        let rpc = row.scenario.split(' ').next().unwrap_or_default();
+        let hop = if m.target == "bare hop" {
+            format!("{:.1}", per(m.hop_ticks))
+        } else {
+            "–".to_owned()
+        };
+        println!(
+            "| {rpc} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {:.1} | {hop} | {:.1} |",
+            m.target,
+            row.callers,
+            row.ok_throughput(),
+            ms_at(&row.ok_latency, 0.50),
+            ms_at(&row.ok_latency, 0.99),
+            row.errors_total(),
+            per(m.server_ticks),
+            per(m.loadtest_ticks),
+        );
+    }
+    println!();
+    println!("| RPC | gateway / bare hop throughput | gateway / direct gRPC |");
+    println!("| --- | ---: | ---: |");
+    for rpc in ["GetDeal", "GetMe"] {
+        let find = |target: &str| {
+            rows.iter()
+                .find(|m| m.target == target && m.row.scenario.starts_with(rpc))
+                .map(|m| m.row.ok_throughput())
+                .unwrap_or(0.0)
+        };
+        let (gateway, direct, hop) = (find("gateway"), find("direct gRPC"), find("bare hop"));
+        println!(
+            "| {rpc} | {:.2} | {:.2} |",
+            gateway / hop.max(f64::MIN_POSITIVE),
+            gateway / direct.max(f64::MIN_POSITIVE)
+        );
+    }
+    println!();
+    println!(
+        "| SSE streams wanted | open (snapshot received) | opened in | `flashmesh up` RSS before | with all open | per stream | after closing |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {} | {} | {:.1} s | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} MiB |",
+        sse.wanted,
+        sse.opened,
+        sse.open_time.as_secs_f64(),
+        sse.rss_before as f64 / 1024.0,
+        sse.rss_after as f64 / 1024.0,
+        sse.rss_after.saturating_sub(sse.rss_before) as f64 / sse.opened.max(1) as f64,
+        sse.rss_closed as f64 / 1024.0,
+    );
+    for (n, message) in &sse.failures {
+        println!("\n{n} streams failed: {message}");
+    }
+}
