@@ -423,7 +423,7 @@ impl Builder {
             } else {
                 format!("{prefix}.{}", field.name())
             };
-            if path_fields.iter().any(|p| *p == path) || field.is_map() {
+            if path_fields.contains(&path) || field.is_map() {
                 continue;
             }
             if let Some(schema) = self.param_schema(&field) {
@@ -664,10 +664,10 @@ impl Builder {
         if dir == Dir::Request {
             schema = nullable(schema);
         }
-        if let Some(description) = comments(&field.parent_file(), field.path()) {
-            if let Value::Object(object) = &mut schema {
-                object.insert("description".to_owned(), Value::String(description));
-            }
+        if let Some(description) = comments(&field.parent_file(), field.path())
+            && let Value::Object(object) = &mut schema
+        {
+            object.insert("description".to_owned(), Value::String(description));
         }
         schema
     }

@@ -478,8 +478,8 @@ async fn migrate_creates_each_service_schema_in_postgres() {
             &[
                 "_sqlx_migrations",
                 "consumed_events",
-                "deal_sales",
                 "dead_letters",
+                "deal_sales",
                 "idempotency_keys",
                 "order_items",
                 "order_status",
