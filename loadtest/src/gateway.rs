@@ -34,6 +34,8 @@ pub struct GatewayOptions {
     pub hop_threads: usize,
     pub sse: usize,
     pub sse_parallel: usize,
+    /// Run the stack without Redis: in-process rate limits and cache.
+    pub no_redis: bool,
 }
 
 /// Limits far above anything the bench reaches, so none throttles it.
@@ -44,7 +46,12 @@ const STACK_ENV: &[(&str, &str)] = &[
 ];
 
 pub async fn gateway(backends: &Backends, options: &GatewayOptions) -> anyhow::Result<()> {
-    let stack = Stack::up(Mode::RedisGate, backends, STACK_ENV).await?;
+    let mode = if options.no_redis {
+        Mode::DatabaseOnly
+    } else {
+        Mode::RedisGate
+    };
+    let stack = Stack::up(mode, backends, STACK_ENV).await?;
     let result = bench(&stack, options).await;
     stack.down().await?;
     result
@@ -378,8 +385,13 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
     let tick_us = 1e6 / ticks_per_second();
     println!(
-        "flashmesh-loadtest gateway --duration {:?} --callers {} --grpc-channels {} --hop-threads {} --sse {}\n",
-        options.duration, options.callers, options.grpc_channels, options.hop_threads, options.sse
+        "flashmesh-loadtest gateway --duration {:?} --callers {} --grpc-channels {} --hop-threads {} --sse {}{}\n",
+        options.duration,
+        options.callers,
+        options.grpc_channels,
+        options.hop_threads,
+        options.sse,
+        if options.no_redis { " --no-redis" } else { "" },
     );
     println!(
         "| RPC | via | callers | requests/s | p50 ms | p99 ms | errors | `flashmesh up` CPU µs/req | bare-hop threads CPU µs/req | loadtest process CPU µs/req |"

@@ -93,6 +93,9 @@ enum Bench {
         sse: usize,
         #[arg(long, default_value_t = 256)]
         sse_parallel: usize,
+        /// Without Redis: in-process rate limits and cache.
+        #[arg(long)]
+        no_redis: bool,
     },
 }
 
@@ -146,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             hop_threads,
             sse,
             sse_parallel,
+            no_redis,
         } => {
             let options = gateway::GatewayOptions {
                 duration,
@@ -154,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
                 hop_threads,
                 sse,
                 sse_parallel,
+                no_redis,
             };
             gateway::gateway(&backends, &options).await
         }

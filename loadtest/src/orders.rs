@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flashmesh_proto::{
-    catalog::v1 as catalog_pb,
+    catalog::v1::{self as catalog_pb, catalog_service_client::CatalogServiceClient},
     order::v1::{self as pb, order_service_client::OrderServiceClient},
 };
 use sqlx::{Connection, PgConnection};
@@ -119,6 +119,7 @@ async fn scenarios(
         setup.took.as_secs_f64()
     );
     let orders = stack.order_clients(8).await?;
+    let mut checker = Checker::new(stack).await?;
     let (duration, callers) = (options.duration, options.callers);
 
     let deal = stack
@@ -135,7 +136,11 @@ async fn scenarios(
         |i| place_call(&orders, &deal, &users[i % users.len()], i),
     )
     .await;
-    checks.push(check(stack, &row, &deal, options.rush_stock, row.units).await?);
+    checks.push(
+        checker
+            .check(&row, &deal, options.rush_stock, row.units)
+            .await?,
+    );
     rows.push(row);
 
     let deal = stack
@@ -149,7 +154,11 @@ async fn scenarios(
         |i| place_call(&orders, &deal, &users[i % users.len()], i),
     )
     .await;
-    checks.push(check(stack, &row, &deal, options.sustained_stock, row.units).await?);
+    checks.push(
+        checker
+            .check(&row, &deal, options.sustained_stock, row.units)
+            .await?,
+    );
     rows.push(row);
 
     // Every call repeats one completed request: the idempotent replay.
@@ -168,7 +177,11 @@ async fn scenarios(
         |i| replay_call(&orders, &deal, &users[0], &key, &first.id, i),
     )
     .await;
-    checks.push(check(stack, &row, &deal, replay_stock, first_units + row.units).await?);
+    checks.push(
+        checker
+            .check(&row, &deal, replay_stock, first_units + row.units)
+            .await?,
+    );
     rows.push(row);
     Ok(setup)
 }
@@ -248,97 +261,114 @@ fn units(order: &pb::Order) -> u64 {
         .sum()
 }
 
-/// Counts the deal's units after a scenario: in the order tables, in the
-/// sales counter (once it stops trailing), and in the catalog (once its
-/// caches have expired).
-async fn check(
-    stack: &Stack,
-    row: &Row,
-    deal: &str,
-    stock: i32,
-    answered: u64,
-) -> anyhow::Result<Check> {
-    let ended = Instant::now();
-    let mut db = PgConnection::connect(&stack.database_url)
-        .await
-        .context("connecting to the stack's database")?;
-    let (order_rows,): (i64,) = sqlx::query_as(
-        "SELECT COALESCE(SUM(i.quantity), 0)::BIGINT FROM order_service.order_items i \
-         JOIN order_service.orders o ON o.id = i.order_id \
-         WHERE i.deal_id = $1 AND o.state = 'confirmed'",
-    )
-    .bind(deal)
-    .fetch_one(&mut db)
-    .await
-    .context("counting order items")?;
-    db.close().await?;
+/// What counts a deal's units after a scenario, connected before the load
+/// starts (so a busy server cannot refuse it a connection afterwards).
+struct Checker {
+    db: PgConnection,
+    orders: OrderServiceClient<Channel>,
+    catalog: CatalogServiceClient<Channel>,
+    admin: MetadataValue<Ascii>,
+}
 
-    let mut orders = stack
-        .order_clients(1)
-        .await?
-        .pop()
-        .context("an order client")?;
-    let admin = stack.admin_bearer()?;
-    let target = i64::try_from(answered)?;
-    let (sales_units, sales_orders) = loop {
-        let mut request = Request::new(pb::GetDealSalesRequest {
-            deal_id: deal.to_owned(),
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", admin.clone());
-        let sales = orders
-            .get_deal_sales(request)
-            .await
-            .context("GetDealSales")?
-            .into_inner()
-            .sales
-            .context("GetDealSales answered no sales")?;
-        if sales.units_sold >= target || ended.elapsed() >= SALES_CATCH_UP {
-            break (sales.units_sold, sales.orders_confirmed);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let caught_up = ended.elapsed();
-
-    tokio::time::sleep_until((ended + DEAL_CACHE_MAX_AGE).into()).await;
-    let mut catalog = stack
-        .catalog_clients(1)
-        .await?
-        .pop()
-        .context("a catalog client")?;
-    let deal_now = catalog
-        .get_deal(catalog_pb::GetDealRequest {
-            id: deal.to_owned(),
+impl Checker {
+    async fn new(stack: &Stack) -> anyhow::Result<Self> {
+        Ok(Self {
+            db: PgConnection::connect(&stack.database_url)
+                .await
+                .context("connecting to the stack's database")?,
+            orders: stack
+                .order_clients(1)
+                .await?
+                .pop()
+                .context("an order client")?,
+            catalog: stack
+                .catalog_clients(1)
+                .await?
+                .pop()
+                .context("a catalog client")?,
+            admin: stack.admin_bearer()?,
         })
+    }
+
+    /// Counts the deal's units: in the order tables, in the sales counter
+    /// (once it stops trailing), and in the catalog (once its caches have
+    /// expired).
+    async fn check(
+        &mut self,
+        row: &Row,
+        deal: &str,
+        stock: i32,
+        answered: u64,
+    ) -> anyhow::Result<Check> {
+        let ended = Instant::now();
+        let (order_rows,): (i64,) = sqlx::query_as(
+            "SELECT COALESCE(SUM(i.quantity), 0)::BIGINT FROM order_service.order_items i \
+             JOIN order_service.orders o ON o.id = i.order_id \
+             WHERE i.deal_id = $1 AND o.state = 'confirmed'",
+        )
+        .bind(deal)
+        .fetch_one(&mut self.db)
         .await
-        .context("GetDeal")?
-        .into_inner()
-        .deal
-        .context("GetDeal answered no deal")?;
-    let check = Check {
-        scenario: row.scenario.clone(),
-        mode: row.mode,
-        stock,
-        answered,
-        order_rows,
-        sales_units,
-        sales_orders,
-        caught_up,
-        catalog_sold: i64::from(deal_now.stock) - i64::from(deal_now.remaining_stock),
-    };
-    eprintln!(
-        "    units: {} answered, {} in order rows, {} counted by sales ({} orders, after {:.2} s), \
-         {} taken from the deal{}",
-        check.answered,
-        check.order_rows,
-        check.sales_units,
-        check.sales_orders,
-        check.caught_up.as_secs_f64(),
-        check.catalog_sold,
-        if check.holds() { "" } else { " — MISMATCH" },
-    );
-    Ok(check)
+        .context("counting order items")?;
+
+        let target = i64::try_from(answered)?;
+        let (sales_units, sales_orders) = loop {
+            let mut request = Request::new(pb::GetDealSalesRequest {
+                deal_id: deal.to_owned(),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", self.admin.clone());
+            let sales = self
+                .orders
+                .get_deal_sales(request)
+                .await
+                .context("GetDealSales")?
+                .into_inner()
+                .sales
+                .context("GetDealSales answered no sales")?;
+            if sales.units_sold >= target || ended.elapsed() >= SALES_CATCH_UP {
+                break (sales.units_sold, sales.orders_confirmed);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let caught_up = ended.elapsed();
+
+        tokio::time::sleep_until((ended + DEAL_CACHE_MAX_AGE).into()).await;
+        let deal_now = self
+            .catalog
+            .get_deal(catalog_pb::GetDealRequest {
+                id: deal.to_owned(),
+            })
+            .await
+            .context("GetDeal")?
+            .into_inner()
+            .deal
+            .context("GetDeal answered no deal")?;
+        let check = Check {
+            scenario: row.scenario.clone(),
+            mode: row.mode,
+            stock,
+            answered,
+            order_rows,
+            sales_units,
+            sales_orders,
+            caught_up,
+            catalog_sold: i64::from(deal_now.stock) - i64::from(deal_now.remaining_stock),
+        };
+        eprintln!(
+            "    units: {} answered, {} in order rows, {} counted by sales ({} orders, after {:.2} s), \
+             {} taken from the deal{}",
+            check.answered,
+            check.order_rows,
+            check.sales_units,
+            check.sales_orders,
+            check.caught_up.as_secs_f64(),
+            check.catalog_sold,
+            if check.holds() { "" } else { " — MISMATCH" },
+        );
+        Ok(check)
+    }
 }
 
 /// `A 12, B 3`, or `0`.
