@@ -28,11 +28,13 @@ use axum::{
 use flashmesh_platform::{
     call::parse_grpc_timeout,
     identity::{Caller, TokenError},
+    upstream::{
+        BalancedChannel, UpstreamSettings, UpstreamUrlError, balanced_channel, system_resolver,
+    },
 };
 use futures::{Stream, StreamExt};
 use prost_reflect::{DynamicMessage, ReflectMessage, Value};
 use tokio::sync::Semaphore;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     config::GatewayConfig,
@@ -44,7 +46,7 @@ use crate::{
 
 /// One service's channel and its bound on calls in flight.
 pub struct UpstreamChannel {
-    pub channel: Channel,
+    pub balanced: BalancedChannel,
     permits: Arc<Semaphore>,
 }
 
@@ -61,44 +63,31 @@ pub struct Gateway {
     docs: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("upstream {service}: invalid URL {url:?}: {source}")]
-pub struct UpstreamError {
-    service: String,
-    url: String,
-    source: tonic::transport::Error,
-}
+/// How long a call waits for an upstream connection before the gateway
+/// answers 503: a service that is down must not hold clients until their
+/// deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Gateway {
-    pub fn new(
+    pub async fn new(
         routes: RouteTable,
         auth: EdgeAuth,
         limiter: Arc<dyn RateLimiter>,
         config: GatewayConfig,
-    ) -> Result<Self, UpstreamError> {
+        dns_refresh: Duration,
+    ) -> Result<Self, UpstreamUrlError> {
+        let settings = UpstreamSettings {
+            connect_timeout: CONNECT_TIMEOUT,
+            call_timeout: None,
+            refresh: dns_refresh,
+        };
         let mut upstreams = HashMap::new();
         for upstream in &config.upstreams {
-            let endpoints = upstream
-                .urls
-                .iter()
-                .map(|url| {
-                    Endpoint::from_shared(url.clone())
-                        .map(|e| {
-                            e.connect_timeout(Duration::from_secs(1))
-                                .tcp_nodelay(true)
-                                .http2_keep_alive_interval(Duration::from_secs(30))
-                        })
-                        .map_err(|source| UpstreamError {
-                            service: upstream.service.to_owned(),
-                            url: url.clone(),
-                            source,
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let balanced = balanced_channel(&upstream.urls, &settings, system_resolver()).await?;
             upstreams.insert(
                 upstream.service.to_owned(),
                 UpstreamChannel {
-                    channel: Channel::balance_list(endpoints.into_iter()),
+                    balanced,
                     permits: Arc::new(Semaphore::new(config.max_outstanding)),
                 },
             );
@@ -273,9 +262,9 @@ impl Gateway {
             }
         };
 
-        let rpc = format!("{}/{}", route.service, route.method.name());
+        let rpc = route.rpc();
         let token = bearer(&parts.headers)?;
-        let caller = match (token, self.public.contains(&rpc)) {
+        let caller = match (token, self.public.contains(rpc)) {
             (_, true) => None,
             (None, false) => {
                 return Err(unauthorized(
@@ -285,7 +274,7 @@ impl Gateway {
             }
             (Some(token), false) => Some(self.auth.caller(token).await.map_err(token_problem)?),
         };
-        let limits = self.check_limits(peer, caller.as_ref()).await?;
+        let limits = self.check_limits(peer, caller.as_ref(), rpc).await?;
 
         let body = self.read_body(route, &parts.headers, body).await?;
         let mut message = build_request(route, &params, parts.uri.query(), &body).map_err(|e| {
@@ -298,13 +287,18 @@ impl Gateway {
         })?;
         apply_idempotency_key(&mut message, &parts.headers);
 
-        let upstream = self.upstreams.get(&route.service).ok_or_else(|| {
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UPSTREAM_UNAVAILABLE",
-                format!("no upstream is configured for {}", route.service),
-            )
-        })?;
+        let upstream = self
+            .upstreams
+            .get(&route.service)
+            .filter(|upstream| upstream.balanced.endpoints() > 0)
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UPSTREAM_UNAVAILABLE",
+                    format!("no address of {} is known right now", route.service),
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            })?;
         self.upstream_calls.fetch_add(1, Ordering::Relaxed);
         let mut response = if route.server_streaming {
             self.stream(upstream, route, message, &parts.headers)
@@ -318,26 +312,33 @@ impl Gateway {
         Ok(response)
     }
 
-    /// Per-IP, then per-user; the decision whose headers the client sees is
-    /// the tighter one.
+    /// Per IP, then per user, then per caller on this RPC if it has a quota
+    /// of its own; the first refusal stops the checks, and the decision whose
+    /// headers the client sees is the tightest one.
     async fn check_limits(
         &self,
         peer: SocketAddr,
         caller: Option<&Caller>,
+        rpc: &str,
     ) -> Result<Decision, Problem> {
-        let mut tightest = self
-            .limiter
-            .check(&format!("ip:{}", peer.ip()), self.config.ip_quota)
-            .await;
-        if tightest.allowed
-            && let Some(caller) = caller
-        {
-            let user = self
-                .limiter
-                .check(&format!("user:{}", caller.user_id), self.config.user_quota)
-                .await;
-            if !user.allowed || user.remaining < tightest.remaining {
-                tightest = user;
+        let ip = format!("ip:{}", peer.ip());
+        let mut tightest = self.limiter.check(&ip, self.config.ip_quota).await;
+        let user = caller.map(|caller| format!("user:{}", caller.user_id));
+        let route = self.config.route_quotas.get(rpc).map(|quota| {
+            let who = user.as_deref().unwrap_or(&ip);
+            (format!("route:{rpc}:{who}"), *quota)
+        });
+        let more = [
+            user.clone().map(|user| (user, self.config.user_quota)),
+            route,
+        ];
+        for (key, quota) in more.into_iter().flatten() {
+            if !tightest.allowed {
+                break;
+            }
+            let decision = self.limiter.check(&key, quota).await;
+            if !decision.allowed || decision.remaining < tightest.remaining {
+                tightest = decision;
             }
         }
         if tightest.allowed {
@@ -407,7 +408,7 @@ impl Gateway {
         let mut request = upstream_request(message, headers);
         let deadline = timeout(headers, &self.config);
         request.set_timeout(deadline);
-        let mut grpc = tonic::client::Grpc::new(upstream.channel.clone());
+        let mut grpc = tonic::client::Grpc::new(upstream.balanced.channel.clone());
         let codec = DynamicCodec::new(route.method.output());
         let call = async {
             grpc.ready()
@@ -444,7 +445,7 @@ impl Gateway {
         headers: &HeaderMap,
     ) -> Result<Response, Problem> {
         let request = upstream_request(message, headers);
-        let mut grpc = tonic::client::Grpc::new(upstream.channel.clone());
+        let mut grpc = tonic::client::Grpc::new(upstream.balanced.channel.clone());
         let codec = DynamicCodec::new(route.method.output());
         grpc.ready().await.map_err(|e| {
             Problem::from_status(&tonic::Status::unavailable(format!(
@@ -530,8 +531,9 @@ async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
         .upstreams
         .iter()
         .map(|(service, upstream)| async move {
-            let mut health =
-                tonic_health::pb::health_client::HealthClient::new(upstream.channel.clone());
+            let mut health = tonic_health::pb::health_client::HealthClient::new(
+                upstream.balanced.channel.clone(),
+            );
             let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
                 service: service.clone(),
             });

@@ -1,6 +1,6 @@
 //! The gateway's configuration, read once at start-up.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use flashmesh_platform::config::{ConfigError, Env, listen_addr};
 
@@ -50,6 +50,9 @@ pub struct GatewayConfig {
     pub ip_quota: Quota,
     /// `FLASHMESH_RATE_LIMIT_USER`: per authenticated user.
     pub user_quota: Quota,
+    /// `FLASHMESH_RATE_LIMIT_ROUTES`: `Service/Method=RATE/s[:BURST]`, comma
+    /// separated; each caller (user, else IP) gets its own bucket per RPC.
+    pub route_quotas: HashMap<String, Quota>,
     /// `FLASHMESH_CORS_ORIGINS`: comma-separated allowed origins, `*` for
     /// any; unset means no CORS headers.
     pub cors_origins: Vec<String>,
@@ -71,9 +74,11 @@ fn urls(env: &Env, var: &str, default: &str) -> Vec<String> {
 }
 
 fn quota(env: &Env, var: &str, default: Quota) -> Result<Quota, ConfigError> {
-    let Some(raw) = env.raw(var) else {
-        return Ok(default);
-    };
+    env.raw(var)
+        .map_or(Ok(default), |raw| parse_quota(var, raw))
+}
+
+fn parse_quota(var: &str, raw: &str) -> Result<Quota, ConfigError> {
     let invalid = || ConfigError {
         var: var.to_owned(),
         value: raw.to_owned(),
@@ -98,6 +103,28 @@ fn quota(env: &Env, var: &str, default: Quota) -> Result<Quota, ConfigError> {
         None => per_second,
     };
     Ok(Quota { per_second, burst })
+}
+
+/// `package.Service/Method=RATE/s[:BURST],…`
+fn route_quotas(env: &Env, var: &str) -> Result<HashMap<String, Quota>, ConfigError> {
+    let Some(raw) = env.raw(var) else {
+        return Ok(HashMap::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (rpc, quota) = entry
+                .split_once('=')
+                .filter(|(rpc, _)| rpc.contains('/'))
+                .ok_or_else(|| ConfigError {
+                    var: var.to_owned(),
+                    value: raw.to_owned(),
+                    reason: format!("{entry:?} is not `package.Service/Method=RATE/s[:BURST]`"),
+                })?;
+            Ok((rpc.trim().to_owned(), parse_quota(var, quota)?))
+        })
+        .collect()
 }
 
 impl GatewayConfig {
@@ -163,8 +190,9 @@ impl GatewayConfig {
                     burst: 100,
                 },
             )?,
+            route_quotas: route_quotas(env, "FLASHMESH_RATE_LIMIT_ROUTES")?,
             cors_origins: urls(env, "FLASHMESH_CORS_ORIGINS", ""),
-            sse_heartbeat: env.duration_or("FLASHMESH_SSE_HEARTBEAT", Duration::from_secs(15))?,
+            sse_heartbeat: env.period_or("FLASHMESH_SSE_HEARTBEAT", Duration::from_secs(15))?,
         })
     }
 }
@@ -194,6 +222,27 @@ mod tests {
                 burst: 5
             }
         );
+        let env = Env::from_pairs([(
+            "FLASHMESH_RATE_LIMIT_ROUTES",
+            "flashmesh.order.v1.OrderService/PlaceOrder=2/s:4, flashmesh.auth.v1.AuthService/SignUp=1/s",
+        )]);
+        let config = GatewayConfig::from_env(&env, "http://127.0.0.1:50051").unwrap();
+        assert_eq!(
+            config.route_quotas["flashmesh.order.v1.OrderService/PlaceOrder"],
+            Quota::new(2, 4)
+        );
+        assert_eq!(
+            config.route_quotas["flashmesh.auth.v1.AuthService/SignUp"],
+            Quota::new(1, 1)
+        );
+        for bad in [
+            "PlaceOrder=2/s",
+            "flashmesh.order.v1.OrderService/PlaceOrder",
+        ] {
+            let env = Env::from_pairs([("FLASHMESH_RATE_LIMIT_ROUTES", bad)]);
+            let err = GatewayConfig::from_env(&env, "http://127.0.0.1:50051").unwrap_err();
+            assert_eq!(err.var, "FLASHMESH_RATE_LIMIT_ROUTES", "{bad}");
+        }
         for bad in ["20", "0/s", "20/s:0", "fast"] {
             let env = Env::from_pairs([("FLASHMESH_RATE_LIMIT_IP", bad)]);
             let err = GatewayConfig::from_env(&env, "http://127.0.0.1:50051").unwrap_err();

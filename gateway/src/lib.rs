@@ -17,7 +17,10 @@ pub mod transcode;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::http::{HeaderName, HeaderValue};
+use axum::{
+    http::{HeaderName, HeaderValue},
+    serve::ListenerExt,
+};
 use flashmesh_platform::{
     config::PlatformConfig,
     identity::{AuthServiceKeys, TokenVerifier},
@@ -42,7 +45,7 @@ pub enum StartError {
     #[error("FLASHMESH_AUTH_URL is not a valid URL: {0}")]
     AuthUrl(#[from] http::uri::InvalidUri),
     #[error(transparent)]
-    Upstream(#[from] app::UpstreamError),
+    Upstream(#[from] flashmesh_platform::upstream::UpstreamUrlError),
 }
 
 /// Verified tokens remembered at once.
@@ -67,7 +70,14 @@ impl GatewayApp {
         );
         let auth = EdgeAuth::new(Arc::new(verifier), TOKEN_CACHE_CAPACITY);
         let cors_origins = config.cors_origins.clone();
-        let gateway = Gateway::new(routes, auth, rate_limit::limiter(redis), config)?;
+        let gateway = Gateway::new(
+            routes,
+            auth,
+            rate_limit::limiter(redis),
+            config,
+            platform.dns_refresh,
+        )
+        .await?;
         Ok(Self {
             gateway: Arc::new(gateway),
             cors_origins,
@@ -109,6 +119,12 @@ impl GatewayApp {
                     .allow_headers(Any),
             );
         }
+        // SSE events and small answers go out at once, not after an ACK.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
         axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

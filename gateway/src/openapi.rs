@@ -266,7 +266,7 @@ impl Builder {
         public: &HashSet<String>,
     ) -> Value {
         let method = &route.method;
-        let rpc = format!("{}/{}", route.service, method.name());
+        let rpc = route.rpc();
         let doc = comments(&method.parent_file(), method.path());
         let summary = doc
             .as_deref()
@@ -330,7 +330,7 @@ impl Builder {
         );
         operation["responses"] = Value::Object(responses);
 
-        operation["security"] = if public.contains(&rpc) {
+        operation["security"] = if public.contains(rpc) {
             json!([])
         } else {
             json!([{ BEARER: [] }])

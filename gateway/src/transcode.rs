@@ -77,6 +77,12 @@ impl Route {
     pub fn rpc_name(&self) -> &str {
         self.method.full_name()
     }
+
+    /// The RPC as configuration names it, e.g.
+    /// `flashmesh.order.v1.OrderService/CancelOrder`.
+    pub fn rpc(&self) -> &str {
+        self.grpc_path.path().trim_start_matches('/')
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -435,6 +435,11 @@ async fn bad_configuration_fails_start_up_naming_the_variable() {
         ("order", "FLASHMESH_CATALOG_RETRIES", "11"),
         ("order", "FLASHMESH_CATALOG_URL", "not a url"),
         ("order", "FLASHMESH_ORDER_TOKEN_FILE", ""),
+        ("order", "FLASHMESH_SWEEP_INTERVAL", "0s"),
+        ("catalog", "FLASHMESH_WARM_INTERVAL", "0ms"),
+        ("gateway", "FLASHMESH_SSE_HEARTBEAT", "0s"),
+        ("gateway", "FLASHMESH_DNS_REFRESH", "0s"),
+        ("gateway", "FLASHMESH_RATE_LIMIT_ROUTES", "PlaceOrder=1/s"),
     ] {
         let output = flashmesh(&env, &[command])
             .env("FLASHMESH_ORDER_TOKEN_FILE", &token_file)

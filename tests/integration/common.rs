@@ -277,9 +277,10 @@ impl StackEnv {
     /// The gateway in front of `stack`'s services.
     pub async fn start_gateway(&mut self, stack: &OrderStack) -> GatewayReplica {
         self.set("FLASHMESH_AUTH_URL", stack.catalog.auth.endpoint());
+        // By name, so the gateway's DNS resolution is on the path.
         self.set(
             "FLASHMESH_CATALOG_URL",
-            stack.catalog.catalog.running.endpoint(),
+            format!("http://localhost:{}", stack.catalog.catalog.running.addr.port()),
         );
         self.set("FLASHMESH_ORDER_URL", stack.order.running.endpoint());
         let platform = self.platform();

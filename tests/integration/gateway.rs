@@ -462,6 +462,63 @@ async fn rate_limits_answer_429_with_headers_per_client() {
     assert_eq!(allowed + limited, 12);
 }
 
+/// Counts OK and 429 answers of `n` calls to `path` (as `bearer` if given).
+async fn allowed_of(
+    http: &Client,
+    gateway: &GatewayReplica,
+    path: &str,
+    bearer: Option<&str>,
+    n: usize,
+) -> usize {
+    let mut allowed = 0;
+    for _ in 0..n {
+        let mut request = http.get(gateway.url(path));
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        match response.status() {
+            StatusCode::OK => allowed += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                problem(response, StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED").await;
+            }
+            other => panic!("{path}: {other}"),
+        }
+    }
+    allowed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_can_have_limits_of_their_own_per_caller() {
+    let mut env = StackEnv::new(Backend::Postgres).await;
+    env.set(
+        "FLASHMESH_RATE_LIMIT_ROUTES",
+        "flashmesh.catalog.v1.CatalogService/ListDeals=1/s:3,flashmesh.auth.v1.AuthService/GetMe=1/s:2",
+    );
+    let (_stack, gateway) = gateway_stack(&mut env).await;
+    let http = http();
+
+    // Anonymous callers are counted by IP on the limited route only.
+    let listed = allowed_of(&http, &gateway, "/v1/deals", None, 10).await;
+    assert!((3..=4).contains(&listed), "{listed} ListDeals allowed");
+    assert_eq!(
+        allowed_of(&http, &gateway, "/v1/products", None, 10).await,
+        10
+    );
+
+    // Signed-in callers by user: one user's use leaves the other's intact.
+    let first = sign_up_and_login(&http, &gateway).await;
+    let second = sign_up_and_login(&http, &gateway).await;
+    let token = |tokens: &Value| tokens["access_token"].as_str().unwrap().to_owned();
+    let first_allowed = allowed_of(&http, &gateway, "/v1/me", Some(&token(&first)), 6).await;
+    assert!(
+        (2..=3).contains(&first_allowed),
+        "{first_allowed} GetMe allowed"
+    );
+    let second_allowed = allowed_of(&http, &gateway, "/v1/me", Some(&token(&second)), 2).await;
+    assert_eq!(second_allowed, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_come_as_ndjson_when_asked() {
     let mut env = StackEnv::new(Backend::Embedded).await;

@@ -96,6 +96,19 @@ impl Env {
             .map_or(default, Into::into))
     }
 
+    /// Like [`Env::duration_or`], but zero is refused (periods of timers).
+    pub fn period_or(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let period = self.duration_or(var, default)?;
+        if period.is_zero() {
+            return Err(ConfigError {
+                var: var.to_owned(),
+                value: self.raw(var).unwrap_or_default().to_owned(),
+                reason: "must be longer than zero".to_owned(),
+            });
+        }
+        Ok(period)
+    }
+
     /// A number that must lie in `range`, or `default` when unset.
     pub fn ranged_or<T>(
         &self,
@@ -141,6 +154,9 @@ pub struct PlatformConfig {
     /// `FLASHMESH_PAGE_TOKEN_SECRET`: signs page tokens; unset means a
     /// secret generated once under the data dir.
     pub page_token_secret: Option<String>,
+    /// `FLASHMESH_DNS_REFRESH`: how often upstream host names are resolved
+    /// again, so replicas behind one name are found as they come and go.
+    pub dns_refresh: Duration,
 }
 
 /// How a gRPC server treats its requests and its shutdown.
@@ -210,6 +226,7 @@ impl PlatformConfig {
                 .unwrap_or("http://127.0.0.1:50051")
                 .to_owned(),
             page_token_secret: env.raw("FLASHMESH_PAGE_TOKEN_SECRET").map(str::to_owned),
+            dns_refresh: env.period_or("FLASHMESH_DNS_REFRESH", Duration::from_secs(5))?,
         })
     }
 }

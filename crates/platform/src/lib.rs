@@ -16,3 +16,4 @@ pub mod redis;
 pub mod runtime;
 pub mod streams;
 pub mod time;
+pub mod upstream;

@@ -49,7 +49,7 @@ impl CatalogConfig {
             watch_min_interval: env
                 .duration_or("FLASHMESH_WATCH_MIN_INTERVAL", Duration::from_millis(200))?,
             warm_ahead: env.duration_or("FLASHMESH_WARM_AHEAD", Duration::from_secs(60))?,
-            warm_interval: env.duration_or("FLASHMESH_WARM_INTERVAL", Duration::from_secs(5))?,
+            warm_interval: env.period_or("FLASHMESH_WARM_INTERVAL", Duration::from_secs(5))?,
         })
     }
 }

@@ -9,16 +9,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use flashmesh_platform::upstream::{
+    UpstreamSettings, UpstreamUrlError, balanced_channel, system_resolver,
+};
 use flashmesh_proto::catalog::v1::{
     self as pb, ReleaseStockRequest, ReserveStockRequest,
     catalog_service_client::CatalogServiceClient,
 };
-use tonic::{
-    Code, Status,
-    body::Body,
-    metadata::MetadataValue,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Status, body::Body, metadata::MetadataValue};
 use tonic_types::StatusExt;
 use tower::{ServiceBuilder, util::BoxCloneSyncService};
 use tower_resilience_circuitbreaker::{CircuitBreakerError, CircuitBreakerLayer};
@@ -155,8 +153,8 @@ pub enum Released {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogClientError {
-    #[error("FLASHMESH_CATALOG_URL is not a usable URL: {0}")]
-    Url(#[from] tonic::transport::Error),
+    #[error("FLASHMESH_CATALOG_URL: {0}")]
+    Url(#[from] UpstreamUrlError),
     #[error("the catalog circuit breaker is misconfigured: {0}")]
     Breaker(#[from] tower_resilience_circuitbreaker::CircuitBreakerConfigError),
 }
@@ -175,7 +173,10 @@ pub struct CatalogClient {
 }
 
 pub struct CatalogClientSettings {
-    pub url: String,
+    /// One or more catalog URLs; host names are re-resolved every
+    /// `dns_refresh` and calls balanced over every address.
+    pub urls: Vec<String>,
+    pub dns_refresh: Duration,
     pub call_timeout: Duration,
     pub retries: u32,
     pub breaker_open_for: Duration,
@@ -183,16 +184,21 @@ pub struct CatalogClientSettings {
 
 impl CatalogClient {
     /// Connects lazily: the catalog may start after the order service.
-    pub fn new(
+    pub async fn new(
         settings: &CatalogClientSettings,
         token: Arc<dyn ServiceToken>,
     ) -> Result<Self, CatalogClientError> {
-        let channel: Channel = Endpoint::from_shared(settings.url.clone())?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(settings.call_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect_lazy();
+        let channel = balanced_channel(
+            &settings.urls,
+            &UpstreamSettings {
+                connect_timeout: Duration::from_secs(1),
+                call_timeout: Some(settings.call_timeout),
+                refresh: settings.dns_refresh,
+            },
+            system_resolver(),
+        )
+        .await?
+        .channel;
         // Transport errors (refused connections, timeouts) and UNAVAILABLE /
         // DEADLINE_EXCEEDED answers count as failures; refusals such as
         // SOLD_OUT are the catalog working.

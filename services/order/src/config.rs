@@ -69,8 +69,8 @@ impl OrderConfig {
             idempotency_ttl: env
                 .duration_or("FLASHMESH_IDEMPOTENCY_TTL", Duration::from_secs(24 * 3600))?,
             claim_lease: env.duration_or("FLASHMESH_CLAIM_LEASE", Duration::from_secs(60))?,
-            sweep_interval: env.duration_or("FLASHMESH_SWEEP_INTERVAL", Duration::from_secs(1))?,
-            outbox_poll: env.duration_or("FLASHMESH_OUTBOX_POLL", Duration::from_millis(500))?,
+            sweep_interval: env.period_or("FLASHMESH_SWEEP_INTERVAL", Duration::from_secs(1))?,
+            outbox_poll: env.period_or("FLASHMESH_OUTBOX_POLL", Duration::from_millis(500))?,
             stream: env
                 .raw("FLASHMESH_ORDER_STREAM")
                 .unwrap_or("flashmesh.orders.v1")

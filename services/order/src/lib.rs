@@ -96,13 +96,20 @@ impl OrderApp {
         let store = Arc::new(OrderStore::new(db.pool().clone(), db.backend()));
         let catalog = CatalogClient::new(
             &CatalogClientSettings {
-                url: config.catalog_url.clone(),
+                urls: config
+                    .catalog_url
+                    .split(',')
+                    .map(|url| url.trim().to_owned())
+                    .filter(|url| !url.is_empty())
+                    .collect(),
+                dns_refresh: platform.dns_refresh,
                 call_timeout: config.catalog_timeout,
                 retries: config.catalog_retries,
                 breaker_open_for: config.breaker_open_for,
             },
             token,
-        )?;
+        )
+        .await?;
         let relay_wake = Arc::new(Notify::new());
         let service = OrderService::new(
             store.clone(),
