@@ -280,7 +280,10 @@ impl StackEnv {
         // By name, so the gateway's DNS resolution is on the path.
         self.set(
             "FLASHMESH_CATALOG_URL",
-            format!("http://localhost:{}", stack.catalog.catalog.running.addr.port()),
+            format!(
+                "http://localhost:{}",
+                stack.catalog.catalog.running.addr.port()
+            ),
         );
         self.set("FLASHMESH_ORDER_URL", stack.order.running.endpoint());
         let platform = self.platform();
