@@ -193,7 +193,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     let order = OrderApp::build(&platform, order_config, redis.as_ref(), token).await?;
     let mut gateway_config = settings.gateway.clone();
     for upstream in &mut gateway_config.upstreams {
-        let addr = match upstream.service {
+        let addr = match upstream.service.as_str() {
             "flashmesh.auth.v1.AuthService" => auth_addr,
             "flashmesh.catalog.v1.CatalogService" => catalog_addr,
             _ => order_addr,

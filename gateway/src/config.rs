@@ -24,7 +24,7 @@ pub const DEFAULT_PUBLIC_RPCS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// Full gRPC service name, e.g. `flashmesh.auth.v1.AuthService`.
-    pub service: &'static str,
+    pub service: String,
     pub urls: Vec<String>,
 }
 
@@ -33,6 +33,10 @@ pub struct GatewayConfig {
     /// `FLASHMESH_GATEWAY_ADDR`
     pub listen_addr: SocketAddr,
     pub upstreams: Vec<Upstream>,
+    /// `FLASHMESH_GATEWAY_REFLECTION_URLS`: upstreams whose contracts are
+    /// fetched through server reflection at start-up; their annotated RPCs
+    /// are routed like the compiled-in ones.
+    pub reflection_urls: Vec<String>,
     /// `FLASHMESH_GATEWAY_TIMEOUT`: deadline of an upstream call unless the
     /// client asks for less (`grpc-timeout` or `X-Request-Timeout`, ms).
     pub default_timeout: Duration,
@@ -134,18 +138,19 @@ impl GatewayConfig {
             listen_addr: listen_addr(env, "FLASHMESH_GATEWAY_ADDR", DEFAULT_ADDR)?,
             upstreams: vec![
                 Upstream {
-                    service: "flashmesh.auth.v1.AuthService",
+                    service: "flashmesh.auth.v1.AuthService".to_owned(),
                     urls: urls(env, "FLASHMESH_AUTH_URL", auth_url),
                 },
                 Upstream {
-                    service: "flashmesh.catalog.v1.CatalogService",
+                    service: "flashmesh.catalog.v1.CatalogService".to_owned(),
                     urls: urls(env, "FLASHMESH_CATALOG_URL", "http://127.0.0.1:50052"),
                 },
                 Upstream {
-                    service: "flashmesh.order.v1.OrderService",
+                    service: "flashmesh.order.v1.OrderService".to_owned(),
                     urls: urls(env, "FLASHMESH_ORDER_URL", "http://127.0.0.1:50053"),
                 },
             ],
+            reflection_urls: urls(env, "FLASHMESH_GATEWAY_REFLECTION_URLS", ""),
             default_timeout: env
                 .duration_or("FLASHMESH_GATEWAY_TIMEOUT", Duration::from_secs(10))?,
             max_timeout: env

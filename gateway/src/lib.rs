@@ -9,13 +9,14 @@
 
 pub mod app;
 pub mod config;
+pub mod discovery;
 pub mod edge_auth;
 pub mod openapi;
 pub mod problem;
 pub mod rate_limit;
 pub mod transcode;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     http::{HeaderName, HeaderValue},
@@ -34,7 +35,12 @@ use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
 };
 
-use crate::{app::Gateway, config::GatewayConfig, edge_auth::EdgeAuth, transcode::RouteTable};
+use crate::{
+    app::Gateway,
+    config::{GatewayConfig, Upstream},
+    edge_auth::EdgeAuth,
+    transcode::RouteTable,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -46,7 +52,12 @@ pub enum StartError {
     AuthUrl(#[from] http::uri::InvalidUri),
     #[error(transparent)]
     Upstream(#[from] flashmesh_platform::upstream::UpstreamUrlError),
+    #[error(transparent)]
+    Discovery(#[from] discovery::DiscoveryError),
 }
+
+/// How long start-up waits for a reflection upstream to answer.
+const REFLECTION_WAIT: Duration = Duration::from_secs(15);
 
 /// Verified tokens remembered at once.
 const TOKEN_CACHE_CAPACITY: u64 = 100_000;
@@ -59,10 +70,19 @@ pub struct GatewayApp {
 impl GatewayApp {
     pub async fn build(
         platform: &PlatformConfig,
-        config: GatewayConfig,
+        mut config: GatewayConfig,
         redis: Option<&RedisHandle>,
     ) -> Result<Self, StartError> {
-        let pool = prost_reflect::DescriptorPool::decode(flashmesh_proto::FILE_DESCRIPTOR_SET)?;
+        let mut pool = prost_reflect::DescriptorPool::decode(flashmesh_proto::FILE_DESCRIPTOR_SET)?;
+        for url in config.reflection_urls.clone() {
+            for service in discovery::discover(&mut pool, &url, REFLECTION_WAIT).await? {
+                tracing::info!(%service, %url, "routing a service learned by reflection");
+                config.upstreams.push(Upstream {
+                    service,
+                    urls: vec![url.clone()],
+                });
+            }
+        }
         let routes = RouteTable::from_descriptors(&pool, &[])?;
         let verifier = TokenVerifier::new(
             Arc::new(AuthServiceKeys::new(&platform.auth_url)?),

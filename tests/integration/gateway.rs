@@ -607,3 +607,131 @@ async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
         "{report}"
     );
 }
+
+/// The Python inventory service of `tests/python`, until dropped.
+struct PythonInventory {
+    child: std::process::Child,
+    url: String,
+}
+
+impl PythonInventory {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(crate::common::tools().join("python"))
+            .arg(crate::common::repo_root().join("tests/python/inventory_server.py"))
+            .arg(crate::common::repo_root().join("proto"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the Python inventory service");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("its stdout"))
+            .read_line(&mut line)
+            .expect("its port");
+        let port: u16 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("not a port: {line:?}"));
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for PythonInventory {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A service in another language joins by annotating its proto and
+/// registering its address: the gateway learns it through server reflection
+/// (Python's grpcio offers v1alpha only) and routes, guards and documents it
+/// like the compiled-in contracts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_service_joins_through_server_reflection() {
+    let inventory = PythonInventory::start();
+    let mut env = StackEnv::new(Backend::Embedded).await;
+    let public: Vec<&str> = flashmesh_gateway::config::DEFAULT_PUBLIC_RPCS
+        .iter()
+        .copied()
+        .chain(["acme.inventory.v1.InventoryService/GetStock"])
+        .collect();
+    env.set("FLASHMESH_GATEWAY_REFLECTION_URLS", inventory.url.as_str())
+        .set("FLASHMESH_GATEWAY_PUBLIC_RPCS", public.join(","));
+    let (_stack, gateway) = gateway_stack(&mut env).await;
+    let http = http();
+
+    // Protected by default: no token, no upstream call.
+    let calls = gateway.gateway.upstream_calls();
+    let response = http
+        .post(gateway.url("/v1/inventory/widget:adjust"))
+        .json(&json!({"delta": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(gateway.gateway.upstream_calls(), calls);
+
+    let tokens = sign_up_and_login(&http, &gateway).await;
+    let token = tokens["access_token"].as_str().unwrap();
+    let (status, _, stock) = json_of(
+        http.post(gateway.url("/v1/inventory/widget:adjust"))
+            .bearer_auth(token)
+            .json(&json!({"delta": "7"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{stock}");
+    assert_eq!(stock, json!({"sku": "widget", "units": "7"}));
+
+    // Public by configuration: read without a token.
+    let (status, _, stock) = json_of(
+        http.get(gateway.url("/v1/inventory/widget"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{stock}");
+    assert_eq!(stock["units"], "7");
+
+    // The Python service's own errors come back as problem+json.
+    let refused = problem(
+        http.post(gateway.url("/v1/inventory/widget:adjust"))
+            .bearer_auth(token)
+            .json(&json!({"delta": -8}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "FAILED_PRECONDITION",
+    )
+    .await;
+    assert_eq!(refused["detail"], "not enough units", "{refused}");
+    problem(
+        http.post(gateway.url("/v1/inventory/widget:adjust"))
+            .bearer_auth(token)
+            .json(&json!({"delta": 1, "colour": "red"}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "INVALID_ARGUMENT",
+    )
+    .await;
+
+    // Documented in the same OpenAPI as the rest.
+    let (_, _, openapi) =
+        json_of(http.get(gateway.url("/openapi.json")).send().await.unwrap()).await;
+    assert!(
+        openapi["paths"]["/v1/inventory/{sku}"]["get"].is_object(),
+        "{}",
+        openapi["paths"]
+    );
+    assert!(openapi["paths"]["/v1/inventory/{sku}:adjust"]["post"].is_object());
+}
