@@ -35,7 +35,7 @@ use prost_reflect::{
     MethodDescriptor, ReflectMessage, SerializeOptions, Value,
 };
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 /// Full name of the `google.api.http` method option.
 pub const HTTP_RULE_EXTENSION: &str = "google.api.http";
@@ -1332,6 +1332,13 @@ impl Codec for DynamicCodec {
     }
 }
 
+/// The gateway's messages are small (a deal, a user, an order) and an event
+/// stream may stay open for hours, so each call starts with 1 KiB of buffer
+/// instead of tonic's 8 KiB and grows by that much when a message is bigger.
+fn buffers() -> BufferSettings {
+    BufferSettings::new(1024, 32 * 1024)
+}
+
 /// Encoder half of [`DynamicCodec`].
 #[derive(Debug, Clone, Default)]
 pub struct DynamicEncoder;
@@ -1343,6 +1350,10 @@ impl Encoder for DynamicEncoder {
     fn encode(&mut self, item: DynamicMessage, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         item.encode(dst)
             .map_err(|e| Status::internal(format!("encoding request: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffers()
     }
 }
 
@@ -1360,6 +1371,10 @@ impl Decoder for DynamicDecoder {
         DynamicMessage::decode(self.response.clone(), src)
             .map(Some)
             .map_err(|e| Status::internal(format!("decoding response: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffers()
     }
 }
 

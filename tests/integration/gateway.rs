@@ -556,6 +556,61 @@ async fn streams_come_as_ndjson_when_asked() {
     assert_eq!(first["event"]["remaining_stock"], 10);
 }
 
+/// Event streams cost the upstream nothing once their clients leave: every
+/// WatchDeal call the gateway made ends with its SSE or NDJSON client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_upstream_when_their_clients_leave() {
+    let mut env = StackEnv::new(Backend::Embedded).await;
+    let (stack, gateway) = gateway_stack(&mut env).await;
+    let mut catalog = stack.catalog.catalog_client().await;
+    let deal = crate::common::create_deal(
+        &mut catalog,
+        &stack.catalog.admin_token,
+        10,
+        2,
+        crate::common::open_window(),
+    )
+    .await;
+    let url = gateway.url(&format!("/v1/deals/{}/events", deal.id));
+    let mut open = Vec::new();
+    for n in 0..200 {
+        let accept = if n % 2 == 0 {
+            "text/event-stream"
+        } else {
+            "application/x-ndjson"
+        };
+        // A client each, so leaving closes its connection.
+        let response = http()
+            .get(&url)
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.bytes_stream();
+        tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("the snapshot arrives")
+            .expect("the stream stays open")
+            .unwrap();
+        open.push(body);
+    }
+    let watchers = || stack.catalog.catalog.service.watchers(&deal.id);
+    assert_eq!(watchers(), 200);
+
+    open.truncate(50);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while watchers() > 50 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(watchers(), 50, "streams left behind by clients that left");
+    drop(open);
+    while watchers() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(watchers(), 0);
+}
+
 /// schemathesis generates requests from `/openapi.json` (valid and invalid
 /// ones) and checks every answer: never a 5xx, always what the document says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,6 +94,13 @@ impl DealFeed {
         sender.send_if_modified(|level| newer(level, current));
         sender.subscribe()
     }
+
+    /// Streams following `deal_id` in this replica right now.
+    pub fn watchers(&self, deal_id: &str) -> usize {
+        lock(&self.senders)
+            .get(deal_id)
+            .map_or(0, watch::Sender::receiver_count)
+    }
 }
 
 fn lock(

@@ -540,6 +540,11 @@ impl CatalogService {
         })
     }
 
+    /// WatchDeal streams open on `deal_id` in this replica.
+    pub fn watchers(&self, deal_id: &str) -> usize {
+        self.feed.watchers(deal_id)
+    }
+
     /// Tells watchers in every replica about a committed stock change.
     async fn stock_changed(&self, deal_id: &str, version: i64, remaining_stock: i32, now: i64) {
         self.feed
