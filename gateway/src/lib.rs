@@ -30,7 +30,10 @@ use flashmesh_platform::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{
-    compression::CompressionLayer,
+    compression::{
+        CompressionLayer,
+        predicate::{DefaultPredicate, Predicate, SizeAbove},
+    },
     cors::{AllowOrigin, Any, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
 };
@@ -58,6 +61,10 @@ pub enum StartError {
 
 /// How long start-up waits for a reflection upstream to answer.
 const REFLECTION_WAIT: Duration = Duration::from_secs(15);
+
+/// Answers at least this large are gzip- or brotli-compressed when the
+/// client accepts it.
+const COMPRESS_ABOVE_BYTES: u16 = 1024;
 
 /// Verified tokens remembered at once.
 const TOKEN_CACHE_CAPACITY: u64 = 100_000;
@@ -116,12 +123,15 @@ impl GatewayApp {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let request_id = HeaderName::from_static("x-request-id");
-        let mut router = self
-            .gateway
-            .router()
-            .layer(CompressionLayer::new())
-            .layer(PropagateRequestIdLayer::new(request_id.clone()))
-            .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+        let mut router =
+            self.gateway
+                .router()
+                // Small answers cost more to compress than they save.
+                .layer(CompressionLayer::new().compress_when(
+                    DefaultPredicate::new().and(SizeAbove::new(COMPRESS_ABOVE_BYTES)),
+                ))
+                .layer(PropagateRequestIdLayer::new(request_id.clone()))
+                .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
         if !self.cors_origins.is_empty() {
             let origins = if self.cors_origins.iter().any(|o| o == "*") {
                 AllowOrigin::any()

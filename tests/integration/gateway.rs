@@ -556,6 +556,43 @@ async fn streams_come_as_ndjson_when_asked() {
     assert_eq!(first["event"]["remaining_stock"], 10);
 }
 
+/// Large answers are compressed for clients that accept it; small ones are
+/// not worth it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_are_compressed_small_ones_are_not() {
+    let mut env = StackEnv::new(Backend::Embedded).await;
+    let (stack, gateway) = gateway_stack(&mut env).await;
+    let mut catalog = stack.catalog.catalog_client().await;
+    let deal = crate::common::create_deal(
+        &mut catalog,
+        &stack.catalog.admin_token,
+        10,
+        2,
+        crate::common::open_window(),
+    )
+    .await;
+    let http = http();
+    for (encoding, path, compressed) in [
+        ("gzip", "/openapi.json".to_owned(), true),
+        ("br", "/openapi.json".to_owned(), true),
+        ("gzip", format!("/v1/deals/{}", deal.id), false),
+    ] {
+        let response = http
+            .get(gateway.url(&path))
+            .header("accept-encoding", encoding)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let got = response
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let expected = compressed.then(|| encoding.to_owned());
+        assert_eq!(got, expected, "{path} with {encoding}");
+    }
+}
+
 /// Event streams cost the upstream nothing once their clients leave: every
 /// WatchDeal call the gateway made ends with its SSE or NDJSON client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
