@@ -58,20 +58,57 @@ pub async fn gateway(backends: &Backends, options: &GatewayOptions) -> anyhow::R
 }
 
 /// One measured scenario: the run, and CPU ticks spent meanwhile by the
-/// `flashmesh up` process, the whole loadtest process and the hop's threads.
+/// `flashmesh up` process, the whole loadtest process and the edge in
+/// front of the services (the standalone gateway process, or the hop's
+/// threads).
 struct Measured {
     target: &'static str,
     row: Row,
     server_ticks: u64,
     loadtest_ticks: u64,
-    hop_ticks: u64,
+    edge_ticks: u64,
+}
+
+/// The edge a row's HTTP calls go through.
+#[derive(Clone, Copy)]
+enum Edge {
+    /// `flashmesh gateway` in its own process, as deployed.
+    Gateway(u32),
+    /// The gateway inside `flashmesh up`, sharing its runtime with the
+    /// services.
+    InProcess,
+    BareHop,
+    /// No edge: gRPC straight to the service.
+    Direct,
+}
+
+impl Edge {
+    fn target(self) -> &'static str {
+        match self {
+            Self::Gateway(_) => "gateway",
+            Self::InProcess => "gateway inside `flashmesh up`",
+            Self::BareHop => "bare hop",
+            Self::Direct => "direct gRPC",
+        }
+    }
+
+    fn ticks(self) -> u64 {
+        match self {
+            Self::Gateway(pid) => process_cpu_ticks(pid),
+            Self::BareHop => bare_hop::threads_cpu_ticks(),
+            Self::InProcess | Self::Direct => 0,
+        }
+    }
 }
 
 async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
     let pid = stack.child.id().context("running")?;
     let deal = stack.create_deal(1_000_000, 1_000_000).await?;
     let bearer = stack.sign_up_users(1, 1).await?.pop().context("one user")?;
-    let gateway = stack.gateway_addr.clone();
+    let edge = stack.standalone_gateway().await?;
+    let edge_pid = edge.child.id().context("gateway running")?;
+    let gateway = edge.addr.clone();
+    let in_process = stack.gateway_addr.clone();
     let hop = bare_hop::start(
         &stack.catalog_addr,
         &stack.auth_addr,
@@ -80,7 +117,14 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
     )
     .await?;
 
-    let sse = sse_memory(pid, &gateway, &deal, options.sse, options.sse_parallel).await?;
+    let sse = sse_memory(
+        [edge_pid, pid],
+        &gateway,
+        &deal,
+        options.sse,
+        options.sse_parallel,
+    )
+    .await?;
 
     let mut rows = Vec::new();
     let http = |url: String, bearer: Option<String>| {
@@ -114,13 +158,19 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
         .get_deal(GetDealRequest { id: deal.clone() })
         .await?;
     rows.push(
-        measure(pid, "gateway", "GetDeal", options, {
+        measure(pid, Edge::Gateway(edge_pid), "GetDeal", options, {
             http(format!("http://{gateway}{deal_path}"), None)
         })
         .await,
     );
     rows.push(
-        measure(pid, "direct gRPC", "GetDeal", options, {
+        measure(pid, Edge::InProcess, "GetDeal", options, {
+            http(format!("http://{in_process}{deal_path}"), None)
+        })
+        .await,
+    );
+    rows.push(
+        measure(pid, Edge::Direct, "GetDeal", options, {
             let (catalog, deal) = (Arc::new(catalog), Arc::new(deal.clone()));
             move |i: usize| {
                 let mut client = catalog[i % catalog.len()].clone();
@@ -134,7 +184,7 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
         .await,
     );
     rows.push(
-        measure(pid, "bare hop", "GetDeal", options, {
+        measure(pid, Edge::BareHop, "GetDeal", options, {
             http(format!("http://{}{hop_deal_path}", hop.addr), None)
         })
         .await,
@@ -143,13 +193,22 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
     // GetMe with a signed-up user's token.
     let auth = Arc::new(stack.auth_clients(options.grpc_channels).await?);
     rows.push(
-        measure(pid, "gateway", "GetMe", options, {
+        measure(pid, Edge::Gateway(edge_pid), "GetMe", options, {
             http(format!("http://{gateway}/v1/me"), Some(bearer_str.clone()))
         })
         .await,
     );
     rows.push(
-        measure(pid, "direct gRPC", "GetMe", options, {
+        measure(pid, Edge::InProcess, "GetMe", options, {
+            http(
+                format!("http://{in_process}/v1/me"),
+                Some(bearer_str.clone()),
+            )
+        })
+        .await,
+    );
+    rows.push(
+        measure(pid, Edge::Direct, "GetMe", options, {
             let bearer: MetadataValue<Ascii> = bearer.clone();
             move |i: usize| {
                 let mut client = auth[i % auth.len()].clone();
@@ -166,12 +225,13 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
         .await,
     );
     rows.push(
-        measure(pid, "bare hop", "GetMe", options, {
+        measure(pid, Edge::BareHop, "GetMe", options, {
             http(format!("http://{}/me", hop.addr), Some(bearer_str.clone()))
         })
         .await,
     );
     drop(hop);
+    drop(edge);
 
     print_report(options, &rows, &sse);
     Ok(())
@@ -207,7 +267,7 @@ async fn http_get(
 
 async fn measure<F, Fut>(
     pid: u32,
-    target: &'static str,
+    edge: Edge,
     rpc: &str,
     options: &GatewayOptions,
     call: F,
@@ -216,11 +276,12 @@ where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = Result<Outcome, Status>> + Send + 'static,
 {
-    let (server, loadtest, hop) = (
+    let (server, loadtest, edge_before) = (
         process_cpu_ticks(pid),
         process_cpu_ticks(std::process::id()),
-        bare_hop::threads_cpu_ticks(),
+        edge.ticks(),
     );
+    let target = edge.target();
     let row = run(
         &format!("{rpc} via {target}"),
         Mode::RedisGate,
@@ -234,7 +295,7 @@ where
         row,
         server_ticks: process_cpu_ticks(pid).saturating_sub(server),
         loadtest_ticks: process_cpu_ticks(std::process::id()).saturating_sub(loadtest),
-        hop_ticks: bare_hop::threads_cpu_ticks().saturating_sub(hop),
+        edge_ticks: edge.ticks().saturating_sub(edge_before),
     }
 }
 
@@ -271,16 +332,19 @@ struct SseMemory {
     opened: usize,
     failures: Vec<(usize, String)>,
     open_time: Duration,
-    rss_before: u64,
-    rss_after: u64,
-    rss_closed: u64,
+    /// KiB, per process: the gateway's, then `flashmesh up`'s.
+    rss_before: [u64; 2],
+    rss_after: [u64; 2],
+    rss_closed: [u64; 2],
 }
 
 /// Opens `count` SSE streams through the gateway, `parallel` at a time, each
 /// a raw TCP connection read until its first `data:` line; RSS of the
-/// `flashmesh up` process before, with all open, and after closing them.
+/// gateway's process and of `flashmesh up` (whose catalog serves the
+/// WatchDeal calls behind the streams) before, with all open, and after
+/// closing them.
 async fn sse_memory(
-    pid: u32,
+    pids: [u32; 2],
     gateway: &str,
     deal: &str,
     count: usize,
@@ -294,7 +358,7 @@ async fn sse_memory(
     // not counted per connection.
     drop(open_sse(gateway, &request).await?);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = rss_kib(pid)?;
+    let rss_before = rss_kib(pids)?;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let results: Vec<anyhow::Result<TcpStream>> = futures::stream::iter(0..count)
@@ -311,7 +375,7 @@ async fn sse_memory(
         .await;
     let open_time = started.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_after = rss_kib(pid)?;
+    let rss_after = rss_kib(pids)?;
     let mut streams = Vec::with_capacity(count);
     let mut failures: Vec<(usize, String)> = Vec::new();
     for result in results {
@@ -329,7 +393,7 @@ async fn sse_memory(
     let opened = streams.len();
     drop(streams);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_closed = rss_kib(pid)?;
+    let rss_closed = rss_kib(pids)?;
     eprintln!("    {opened} open in {open_time:?}");
     for (n, message) in &failures {
         eprintln!("    {n} × failed: {message}");
@@ -373,7 +437,11 @@ async fn open_sse(gateway: &str, request: &str) -> anyhow::Result<TcpStream> {
     Ok(stream)
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+fn rss_kib(pids: [u32; 2]) -> anyhow::Result<[u64; 2]> {
+    Ok([process_rss_kib(pids[0])?, process_rss_kib(pids[1])?])
+}
+
+fn process_rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -394,20 +462,20 @@ fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
         if options.no_redis { " --no-redis" } else { "" },
     );
     println!(
-        "| RPC | via | callers | requests/s | p50 ms | p99 ms | errors | `flashmesh up` CPU µs/req | bare-hop threads CPU µs/req | loadtest process CPU µs/req |"
+        "| RPC | via | callers | requests/s | p50 ms | p99 ms | errors | edge CPU µs/req (gateway process or hop threads) | `flashmesh up` CPU µs/req | loadtest process CPU µs/req |"
     );
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for m in rows {
         let row = &m.row;
         let per = |ticks: u64| ticks as f64 * tick_us / row.ok.max(1) as f64;
         let rpc = row.scenario.split(' ').next().unwrap_or_default();
-        let hop = if m.target == "bare hop" {
-            format!("{:.1}", per(m.hop_ticks))
+        let edge = if m.edge_ticks > 0 {
+            format!("{:.1}", per(m.edge_ticks))
         } else {
             "–".to_owned()
         };
         println!(
-            "| {rpc} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {:.1} | {hop} | {:.1} |",
+            "| {rpc} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {edge} | {:.1} | {:.1} |",
             m.target,
             row.callers,
             row.ok_throughput(),
@@ -437,19 +505,25 @@ fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
     }
     println!();
     println!(
-        "| SSE streams wanted | open (snapshot received) | opened in | `flashmesh up` RSS before | with all open | per stream | after closing |"
-    );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    println!(
-        "| {} | {} | {:.1} s | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} MiB |",
-        sse.wanted,
+        "{} of {} SSE streams open (snapshot received) in {:.1} s\n",
         sse.opened,
-        sse.open_time.as_secs_f64(),
-        sse.rss_before as f64 / 1024.0,
-        sse.rss_after as f64 / 1024.0,
-        sse.rss_after.saturating_sub(sse.rss_before) as f64 / sse.opened.max(1) as f64,
-        sse.rss_closed as f64 / 1024.0,
+        sse.wanted,
+        sse.open_time.as_secs_f64()
     );
+    println!("| process | RSS before | with all open | per stream | 2 s after closing them |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (i, process) in ["gateway", "`flashmesh up` (catalog side)"]
+        .into_iter()
+        .enumerate()
+    {
+        println!(
+            "| {process} | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} MiB |",
+            sse.rss_before[i] as f64 / 1024.0,
+            sse.rss_after[i] as f64 / 1024.0,
+            sse.rss_after[i].saturating_sub(sse.rss_before[i]) as f64 / sse.opened.max(1) as f64,
+            sse.rss_closed[i] as f64 / 1024.0,
+        );
+    }
     for (n, message) in &sse.failures {
         println!("\n{n} streams failed: {message}");
     }

@@ -1,7 +1,11 @@
 //! One real `flashmesh up` on a fresh PostgreSQL database (and, with Redis,
 //! under a Redis key prefix of its own), torn down after the bench.
 
-use std::{path::PathBuf, process::Stdio};
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
 use flashmesh_proto::{
@@ -73,8 +77,16 @@ pub struct Stack {
     pub order_addr: String,
     pub admin_token: String,
     pub order_token: String,
+    /// What every `flashmesh` command of this stack runs with.
+    env: Vec<(String, String)>,
     /// Held so the directory lives as long as the stack.
     _data_dir: tempfile::TempDir,
+}
+
+/// A `flashmesh gateway` process; killed when dropped.
+pub struct StandaloneGateway {
+    pub child: Child,
+    pub addr: String,
 }
 
 /// The `flashmesh` binary: `FLASHMESH_BIN`, else the release build in
@@ -216,7 +228,51 @@ impl Stack {
             order_addr,
             admin_token,
             order_token,
+            env,
             _data_dir: data_dir,
+        })
+    }
+
+    /// `flashmesh gateway` in a process of its own, in front of this
+    /// stack's services, as a deployment runs it; ready when this returns.
+    pub async fn standalone_gateway(&self) -> anyhow::Result<StandaloneGateway> {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut env = self.env.clone();
+        env.extend([
+            ("FLASHMESH_GATEWAY_ADDR".into(), addr.to_string()),
+            (
+                "FLASHMESH_AUTH_URL".into(),
+                format!("http://{}", self.auth_addr),
+            ),
+            (
+                "FLASHMESH_CATALOG_URL".into(),
+                format!("http://{}", self.catalog_addr),
+            ),
+            (
+                "FLASHMESH_ORDER_URL".into(),
+                format!("http://{}", self.order_addr),
+            ),
+        ]);
+        let child = command(&["gateway"], &env)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let ready = format!("http://{addr}/readyz");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = client.get(&ready).send().await;
+            if answer.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("flashmesh gateway at {addr} not ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(StandaloneGateway {
+            child,
+            addr: addr.to_string(),
         })
     }
 
