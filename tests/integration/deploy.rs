@@ -885,3 +885,30 @@ async fn token_command_writes_a_private_file() {
         .collect();
     assert_eq!(leftovers, ["order.token"], "no temporary file left");
 }
+
+/// Behind the Ingress every connection comes from the ingress controller:
+/// the per-IP limit must count the client it forwards for, and only when the
+/// connection comes from a trusted proxy.
+#[tokio::test]
+async fn per_ip_limits_see_the_client_behind_a_trusted_proxy() {
+    for (trusted, per_client) in [("127.0.0.0/8", true), ("", false)] {
+        let mut env = StackEnv::new(Backend::Embedded).await;
+        env.set("FLASHMESH_RATE_LIMIT_IP", "1/s:3");
+        env.set("FLASHMESH_GATEWAY_TRUSTED_PROXIES", trusted);
+        let stack = env.start_orders().await;
+        let gateway = env.start_gateway(&stack).await;
+        let http = reqwest::Client::new();
+        let get = |client: &'static str| {
+            http.get(gateway.url("/v1/deals"))
+                .header("x-forwarded-for", format!("198.51.100.7, {client}"))
+                .send()
+        };
+        for _ in 0..3 {
+            assert_eq!(get("203.0.113.1").await.expect("GET").status(), 200);
+        }
+        assert_eq!(get("203.0.113.1").await.expect("GET").status(), 429);
+        let other = get("203.0.113.2").await.expect("GET").status();
+        let expected = if per_client { 200 } else { 429 };
+        assert_eq!(other, expected, "trusted proxies {trusted:?}");
+    }
+}
