@@ -26,6 +26,7 @@ use flashmesh_order::{
 };
 use flashmesh_platform::{
     config::{Env, PlatformConfig},
+    db::Database,
     identity::Role,
     redis::RedisHandle,
     runtime::{init_logging, shutdown_on_signal},
@@ -159,11 +160,17 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Order => order(Settings::from_env()?).await?,
         Command::Gateway => gateway(Settings::from_env()?).await?,
         Command::Migrate => {
-            let settings = Settings::from_env()?;
-            // Building a service runs its migrations.
-            AuthApp::build(&settings.platform, settings.auth, None).await?;
-            CatalogApp::build(&settings.platform, settings.catalog, None).await?;
-            OrderApp::migrate(&settings.platform).await?;
+            let platform = Settings::from_env()?.platform;
+            // Migrations only: no keys or other service state is needed.
+            for (schema, migrator) in [
+                (flashmesh_auth::SCHEMA, &flashmesh_auth::MIGRATOR),
+                (flashmesh_catalog::SCHEMA, &flashmesh_catalog::MIGRATOR),
+                (flashmesh_order::SCHEMA, &flashmesh_order::MIGRATOR),
+            ] {
+                Database::migrate_only(&platform, schema, migrator)
+                    .await
+                    .with_context(|| format!("cannot migrate the {schema} schema"))?;
+            }
             println!("migrations applied");
         }
         Command::Admin {
