@@ -78,6 +78,10 @@ enum Command {
         /// instead of printing it.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Keep running and write a fresh token this often (shorter than
+        /// --ttl), until SIGTERM: a sidecar keeping the file valid.
+        #[arg(long, requires = "output", value_parser = humantime::parse_duration)]
+        renew_every: Option<Duration>,
     },
     /// Check a service's health, for container health checks: exit 0 when
     /// it is SERVING, 1 when it answers otherwise, 2 when it cannot be
@@ -181,13 +185,27 @@ async fn main() -> anyhow::Result<ExitCode> {
             service,
             ttl,
             output,
+            renew_every,
         } => {
+            if renew_every.is_some_and(|every| every >= ttl) {
+                bail!("--renew-every must be shorter than --ttl, or the token lapses in between");
+            }
             let settings = Settings::from_env()?;
             let app = AuthApp::build(&settings.platform, settings.auth, None).await?;
-            let token = app.service.issue_service_token(&service, ttl)?;
-            match output {
-                Some(path) => write_private(&path, &token)?,
-                None => println!("{token}"),
+            let Some(path) = output else {
+                println!("{}", app.service.issue_service_token(&service, ttl)?);
+                return Ok(ExitCode::SUCCESS);
+            };
+            let stop = renew_every.map(|_| shutdown_on_signal());
+            loop {
+                write_private(&path, &app.service.issue_service_token(&service, ttl)?)?;
+                let (Some(every), Some(stop)) = (renew_every, &stop) else {
+                    break;
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = stop.cancelled() => break,
+                }
             }
         }
         Command::Keys {

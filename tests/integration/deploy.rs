@@ -313,6 +313,56 @@ fn deployments_are_hardened_probed_and_drain_within_their_grace_period() {
     }
 }
 
+/// `--flag value` from a container's args.
+fn flag<'a>(args: &'a [Value], name: &str) -> Option<&'a str> {
+    let at = args.iter().position(|a| a == name)?;
+    args.get(at + 1).map(text)
+}
+
+#[test]
+fn the_order_pods_token_is_minted_first_and_renewed_before_it_expires() {
+    for overlay in OVERLAYS {
+        let (_, objects) = render(overlay);
+        let config = config_map(&objects);
+        let token_file = Path::new(&config["FLASHMESH_ORDER_TOKEN_FILE"]);
+        let spec = &named(&objects, "Deployment", "order")["spec"]["template"]["spec"];
+        let init = list(&spec["initContainers"]);
+        let minters: Vec<_> = init
+            .iter()
+            .filter(|c| c["args"][0] == "token")
+            .map(|c| {
+                let args = list(&c["args"]);
+                assert_eq!(flag(args, "--service"), Some("order"));
+                assert_eq!(flag(args, "--output").map(Path::new), Some(token_file));
+                let ttl = humantime::parse_duration(flag(args, "--ttl").expect("--ttl"))
+                    .expect("a duration");
+                let renew = flag(args, "--renew-every")
+                    .map(|every| humantime::parse_duration(every).expect("a duration"));
+                (c["restartPolicy"] == "Always", ttl, renew)
+            })
+            .collect();
+        // A one-shot minter runs before the service starts; then a native
+        // sidecar renews well before the token expires.
+        assert!(
+            matches!(minters[..], [(false, _, None), (true, ..)]),
+            "{minters:?}"
+        );
+        let (_, ttl, renew) = minters[1];
+        let renew = renew.expect("the sidecar renews");
+        assert!(
+            renew * 2 <= ttl,
+            "renewing every {renew:?} a token of {ttl:?}"
+        );
+        let mounted = list(&spec["containers"][0]["volumeMounts"])
+            .iter()
+            .any(|m| token_file.starts_with(text(&m["mountPath"])));
+        assert!(
+            mounted,
+            "{overlay}: the order container cannot see its token"
+        );
+    }
+}
+
 #[test]
 fn grpc_backends_are_headless_and_the_upstream_urls_name_them() {
     for overlay in OVERLAYS {
@@ -911,4 +961,58 @@ async fn per_ip_limits_see_the_client_behind_a_trusted_proxy() {
         let expected = if per_client { 200 } else { 429 };
         assert_eq!(other, expected, "trusted proxies {trusted:?}");
     }
+}
+
+/// The order pod's sidecar: a fresh token every period, until SIGTERM.
+#[tokio::test]
+async fn token_command_renews_the_file_until_terminated() {
+    let env = StackEnv::new(Backend::Embedded).await;
+    let file = env.data_dir.path().join("order.token");
+    let token = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(BINARY);
+        command
+            .args(["token", "--service", "order", "--output"])
+            .arg(&file)
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("REDIS_URL")
+            .env("RUST_LOG", "warn")
+            .envs(env.vars())
+            .kill_on_drop(true);
+        command
+    };
+    let refused = token(&["--ttl", "1m", "--renew-every", "1m"])
+        .output()
+        .await
+        .expect("run");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--renew-every"));
+
+    let mut renewer = token(&["--ttl", "10m", "--renew-every", "200ms"])
+        .spawn()
+        .expect("spawn");
+    let read = || std::fs::read_to_string(&file).ok();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if let Some(first) = read() {
+            break first;
+        }
+        assert!(Instant::now() < deadline, "no token written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    while read().as_ref() == Some(&first) {
+        assert!(Instant::now() < deadline, "the token was not renewed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = renewer.id().expect("running").to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await;
+    assert!(killed.expect("kill").success());
+    let status = tokio::time::timeout(Duration::from_secs(5), renewer.wait())
+        .await
+        .expect("stops soon after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status}");
 }
