@@ -306,6 +306,10 @@ fn deployments_are_hardened_probed_and_drain_within_their_grace_period() {
             let hpa = named(&objects, "HorizontalPodAutoscaler", service);
             assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], *service);
             assert!(
+                deployment["spec"]["replicas"].is_null(),
+                "{context}: the HPA owns the replica count; an applied one resets it"
+            );
+            assert!(
                 number(&hpa["spec"]["minReplicas"]) <= number(&hpa["spec"]["maxReplicas"]),
                 "{context}"
             );
