@@ -16,10 +16,17 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+/// What the target answered, and whether that is healthy.
+struct Answer {
+    healthy: bool,
+    /// `SERVING`, `NOT_SERVING`, `HTTP/1.1 200 OK`, …
+    said: String,
+}
+
 /// What a check found; each outcome has its own exit code.
 pub enum Outcome {
     /// SERVING, or an HTTP 2xx.
-    Healthy,
+    Healthy(String),
     /// The target answered, but not healthy.
     Unhealthy(String),
     /// No answer (refused, timed out, not speaking the protocol).
@@ -29,8 +36,8 @@ pub enum Outcome {
 impl Outcome {
     pub fn report(self) -> ExitCode {
         match self {
-            Self::Healthy => {
-                println!("SERVING");
+            Self::Healthy(said) => {
+                println!("{said}");
                 ExitCode::SUCCESS
             }
             Self::Unhealthy(status) => {
@@ -55,8 +62,11 @@ pub async fn check(target: &str, service: &str, timeout: Duration) -> Outcome {
     })
     .await;
     match checked {
-        Ok(Ok(None)) => Outcome::Healthy,
-        Ok(Ok(Some(status))) => Outcome::Unhealthy(status),
+        Ok(Ok(Answer {
+            healthy: true,
+            said,
+        })) => Outcome::Healthy(said),
+        Ok(Ok(Answer { said, .. })) => Outcome::Unhealthy(said),
         Ok(Err(error)) => Outcome::Unreachable(error),
         Err(_) => Outcome::Unreachable(anyhow::anyhow!("no answer within {timeout:?}")),
     }
@@ -70,8 +80,7 @@ fn http_path(target: &str) -> Option<(&str, &str)> {
     (path.len() > 1).then_some((authority, path))
 }
 
-/// `None` when SERVING, else the status the server reported.
-async fn check_grpc(target: &str, service: &str) -> anyhow::Result<Option<String>> {
+async fn check_grpc(target: &str, service: &str) -> anyhow::Result<Answer> {
     let url = if target.contains("://") {
         target.to_owned()
     } else {
@@ -90,18 +99,22 @@ async fn check_grpc(target: &str, service: &str) -> anyhow::Result<Option<String
     match response {
         Ok(answer) => {
             let status = answer.into_inner().status();
-            Ok((status != ServingStatus::Serving).then(|| status.as_str_name().to_owned()))
+            Ok(Answer {
+                healthy: status == ServingStatus::Serving,
+                said: status.as_str_name().to_owned(),
+            })
         }
         // NOT_FOUND (unknown service) is an answer, not an outage.
-        Err(status) if status.code() == tonic::Code::NotFound => {
-            Ok(Some(format!("unknown service {service:?}")))
-        }
+        Err(status) if status.code() == tonic::Code::NotFound => Ok(Answer {
+            healthy: false,
+            said: format!("unknown service {service:?}"),
+        }),
         Err(status) => Err(status).context("the health check failed"),
     }
 }
 
-/// `None` on a 2xx answer, else the status line.
-async fn check_http(authority: &str, path: &str) -> anyhow::Result<Option<String>> {
+/// Healthy on a 2xx answer; says its status line.
+async fn check_http(authority: &str, path: &str) -> anyhow::Result<Answer> {
     let mut stream = TcpStream::connect(authority)
         .await
         .with_context(|| format!("cannot connect to {authority}"))?;
@@ -126,7 +139,10 @@ async fn check_http(authority: &str, path: &str) -> anyhow::Result<Option<String
     else {
         bail!("{authority} did not answer HTTP: {status_line:?}");
     };
-    Ok((!code.starts_with('2')).then(|| status_line.to_owned()))
+    Ok(Answer {
+        healthy: code.starts_with('2'),
+        said: status_line.to_owned(),
+    })
 }
 
 #[cfg(test)]

@@ -854,9 +854,14 @@ async fn health_command_tells_serving_from_draining_and_unreachable() {
     assert_eq!(code, Some(1), "an unknown service: {output}");
 
     // The gateway over HTTP: 2xx is healthy, anything else is not.
-    for (path, expected) in [("/healthz", 0), ("/readyz", 0), ("/no-such-page", 1)] {
+    for (path, expected, said) in [
+        ("/healthz", 0, "200 OK"),
+        ("/readyz", 0, "200 OK"),
+        ("/no-such-page", 1, "404 Not Found"),
+    ] {
         let (code, output, _) = health_command(&[&gateway.url(path)]).await;
         assert_eq!(code, Some(expected), "{path}: {output}");
+        assert!(output.contains(said), "{path}: {output}");
     }
 
     // Nothing listening: refused at once.
