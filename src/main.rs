@@ -196,15 +196,15 @@ async fn main() -> anyhow::Result<ExitCode> {
                 println!("{}", app.service.issue_service_token(&service, ttl)?);
                 return Ok(ExitCode::SUCCESS);
             };
-            let stop = renew_every.map(|_| shutdown_on_signal());
-            loop {
-                write_private(&path, &app.service.issue_service_token(&service, ttl)?)?;
-                let (Some(every), Some(stop)) = (renew_every, &stop) else {
-                    break;
-                };
-                tokio::select! {
-                    () = tokio::time::sleep(every) => {}
-                    () = stop.cancelled() => break,
+            let mint = || app.service.issue_service_token(&service, ttl);
+            write_private(&path, &mint()?)?;
+            if let Some(every) = renew_every {
+                let stop = shutdown_on_signal();
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => write_private(&path, &mint()?)?,
+                        () = stop.cancelled() => break,
+                    }
                 }
             }
         }
