@@ -139,11 +139,18 @@ fn duration(config: &BTreeMap<String, String>, var: &str) -> Duration {
     humantime::parse_duration(raw).unwrap_or_else(|e| panic!("{var}={raw}: {e}"))
 }
 
+/// Every pod template: name and template.
 fn workloads(objects: &[Value]) -> impl Iterator<Item = (&str, &Value)> {
     objects
         .iter()
-        .filter(|o| o["kind"] == "Deployment" || o["kind"] == "Job")
+        .filter(|o| ["Deployment", "Job", "StatefulSet"].contains(&text(&o["kind"])))
         .map(|o| (text(&o["metadata"]["name"]), &o["spec"]["template"]))
+}
+
+/// The pod templates running the flashmesh image (not the data stores).
+fn flashmesh_workloads(objects: &[Value]) -> impl Iterator<Item = (&str, &Value)> {
+    workloads(objects)
+        .filter(|(_, pod)| pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "flashmesh")
 }
 
 fn containers(pod: &Value) -> impl Iterator<Item = &Value> {
@@ -477,11 +484,79 @@ fn network_policies_deny_by_default_and_admit_only_the_ingress_and_each_other() 
     }
 }
 
+/// What a pod may connect to, by (protocol, port): the union of the `to`
+/// rules of every egress policy selecting it, with their peers.
+fn egress(objects: &[Value], labels: &Value) -> Vec<(String, u64, Vec<Value>)> {
+    of_kind(objects, "NetworkPolicy")
+        .filter(|p| selects(&p["spec"]["podSelector"], labels))
+        .flat_map(|p| list(&p["spec"]["egress"]))
+        .flat_map(|rule| {
+            list(&rule["ports"]).iter().map(|port| {
+                (
+                    port["protocol"].as_str().unwrap_or("TCP").to_owned(),
+                    number(&port["port"]),
+                    list(&rule["to"]).to_vec(),
+                )
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn every_flashmesh_pod_may_reach_dns_and_the_data_stores_and_clients_their_upstreams() {
+    for overlay in OVERLAYS {
+        let (_, objects) = render(overlay);
+        for (name, pod) in flashmesh_workloads(&objects) {
+            let allowed = egress(&objects, &pod["metadata"]["labels"]);
+            let allows = |protocol: &str, port: u64| {
+                allowed.iter().any(|(p, n, _)| p == protocol && *n == port)
+            };
+            for (protocol, port) in [("UDP", 53), ("TCP", 53), ("TCP", 5432), ("TCP", 6379)] {
+                assert!(
+                    allows(protocol, port),
+                    "{overlay}: {name} cannot reach {protocol}/{port}"
+                );
+            }
+            // DNS only to the cluster's resolver.
+            for (_, _, to) in allowed.iter().filter(|(_, port, _)| *port == 53) {
+                assert!(!to.is_empty(), "{overlay}: {name} may ask any DNS server");
+            }
+        }
+        // Callers reach the gRPC ports of the services they call.
+        for (caller, callees) in [
+            ("gateway", &["auth", "catalog", "order"][..]),
+            ("order", &["auth", "catalog"]),
+            ("catalog", &["auth"]),
+        ] {
+            let labels =
+                &named(&objects, "Deployment", caller)["spec"]["template"]["metadata"]["labels"];
+            let allowed = egress(&objects, labels);
+            for callee in callees {
+                let (.., port) = BACKENDS
+                    .iter()
+                    .find(|(name, ..)| name == callee)
+                    .expect("a backend");
+                let callee_labels = &named(&objects, "Deployment", callee)["spec"]["template"]["metadata"]
+                    ["labels"];
+                let reachable = allowed.iter().any(|(protocol, n, to)| {
+                    protocol == "TCP"
+                        && n == port
+                        && (to.is_empty()
+                            || to
+                                .iter()
+                                .any(|peer| selects(&peer["podSelector"], callee_labels)))
+                });
+                assert!(reachable, "{overlay}: {caller} cannot call {callee}");
+            }
+        }
+    }
+}
+
 /// Every variable each workload's containers get: `env` names, and the
 /// keys of the ConfigMaps and Secrets they take whole with `envFrom`.
 fn deployed_variables(objects: &[Value], secrets: &[Value]) -> BTreeSet<String> {
     let mut variables = BTreeSet::new();
-    for (workload, pod) in workloads(objects) {
+    for (workload, pod) in flashmesh_workloads(objects) {
         for container in containers(pod) {
             for var in list(&container["env"]) {
                 variables.insert(text(&var["name"]).to_owned());
