@@ -837,6 +837,32 @@ fn dockerfile_lints_clean_and_builds_one_non_root_distroless_image() {
             ".dockerignore: {excluded}"
         );
     }
+    // What `cargo build` reads stays in the context: the manifests, every
+    // workspace member, the contracts (build.rs) and the migrations
+    // (compiled in).
+    let manifest = std::fs::read_to_string(repo_root().join("Cargo.toml")).expect("Cargo.toml");
+    let members = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("members = "))
+        .expect("workspace members");
+    let needed = members.split('"').skip(1).step_by(2).chain([
+        "Cargo.toml",
+        "Cargo.lock",
+        "src",
+        "proto",
+        "migrations",
+    ]);
+    for path in needed {
+        let top = path.split('/').next().unwrap_or(path);
+        let dropped = ignore
+            .lines()
+            .map(|l| l.trim_end_matches('/'))
+            .any(|l| l == path || l == top);
+        assert!(
+            !dropped,
+            ".dockerignore drops {path}, which the build needs"
+        );
+    }
 }
 
 // ---- What the manifests rely on ----------------------------------------
