@@ -570,7 +570,7 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The pinned outside clients (buf, grpcurl, grpcio), installed once per test
+/// The pinned outside tools (scripts/requirements-tools.txt), installed once per test
 /// binary by `scripts/tools`. Returns the directory holding them.
 pub fn tools() -> &'static PathBuf {
     static TOOLS: OnceLock<PathBuf> = OnceLock::new();
