@@ -4,8 +4,12 @@
 //! loopback port, talking real gRPC); `flashmesh auth` runs one service alone,
 //! as a Kubernetes Deployment does.
 
+mod health;
+
 use std::{
     io::{BufRead, IsTerminal, Write},
+    path::{Path, PathBuf},
+    process::ExitCode,
     sync::Arc,
     time::Duration,
 };
@@ -22,6 +26,7 @@ use flashmesh_order::{
 };
 use flashmesh_platform::{
     config::{Env, PlatformConfig},
+    db::Database,
     identity::Role,
     redis::RedisHandle,
     runtime::{init_logging, shutdown_on_signal},
@@ -69,6 +74,27 @@ enum Command {
         service: String,
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
+        /// Write the token to this file (mode 0600, replaced atomically)
+        /// instead of printing it.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Keep running and write a fresh token this often (shorter than
+        /// --ttl), until SIGTERM: a sidecar keeping the file valid.
+        #[arg(long, requires = "output", value_parser = humantime::parse_duration)]
+        renew_every: Option<Duration>,
+    },
+    /// Check a service's health, for container health checks: exit 0 when
+    /// it is SERVING, 1 when it answers otherwise, 2 when it cannot be
+    /// reached. Reads no configuration.
+    Health {
+        /// `host:port` for grpc.health.v1, or `http://host:port/path` for an
+        /// HTTP GET that must answer 2xx (the gateway's /healthz).
+        target: String,
+        /// The gRPC service to ask about; empty means the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Manage the generated token signing keys (embedded mode).
     Keys {
@@ -121,36 +147,71 @@ impl Settings {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     init_logging();
     let cli = Cli::parse();
-    let settings = Settings::from_env()?;
+    // Configuration is read by the commands that need it, so `health` runs
+    // whatever the environment holds.
     match cli.command {
-        Command::Up => up(settings).await,
-        Command::Auth => auth(settings).await,
-        Command::Catalog => catalog(settings).await,
-        Command::Order => order(settings).await,
-        Command::Gateway => gateway(settings).await,
+        Command::Health {
+            target,
+            service,
+            timeout,
+        } => return Ok(health::check(&target, &service, timeout).await.report()),
+        Command::Up => up(Settings::from_env()?).await?,
+        Command::Auth => auth(Settings::from_env()?).await?,
+        Command::Catalog => catalog(Settings::from_env()?).await?,
+        Command::Order => order(Settings::from_env()?).await?,
+        Command::Gateway => gateway(Settings::from_env()?).await?,
         Command::Migrate => {
-            // Building a service runs its migrations.
-            AuthApp::build(&settings.platform, settings.auth, None).await?;
-            CatalogApp::build(&settings.platform, settings.catalog, None).await?;
-            OrderApp::migrate(&settings.platform).await?;
+            let platform = Settings::from_env()?.platform;
+            // Migrations only: no keys or other service state is needed.
+            for (schema, migrator) in [
+                (flashmesh_auth::SCHEMA, &flashmesh_auth::MIGRATOR),
+                (flashmesh_catalog::SCHEMA, &flashmesh_catalog::MIGRATOR),
+                (flashmesh_order::SCHEMA, &flashmesh_order::MIGRATOR),
+            ] {
+                Database::migrate_only(&platform, schema, migrator)
+                    .await
+                    .with_context(|| format!("cannot migrate the {schema} schema"))?;
+            }
             println!("migrations applied");
-            Ok(())
         }
         Command::Admin {
             email,
             display_name,
-        } => admin(settings, &email, &display_name).await,
-        Command::Token { service, ttl } => {
+        } => admin(Settings::from_env()?, &email, &display_name).await?,
+        Command::Token {
+            service,
+            ttl,
+            output,
+            renew_every,
+        } => {
+            if renew_every.is_some_and(|every| every >= ttl) {
+                bail!("--renew-every must be shorter than --ttl, or the token lapses in between");
+            }
+            let settings = Settings::from_env()?;
             let app = AuthApp::build(&settings.platform, settings.auth, None).await?;
-            println!("{}", app.service.issue_service_token(&service, ttl)?);
-            Ok(())
+            let Some(path) = output else {
+                println!("{}", app.service.issue_service_token(&service, ttl)?);
+                return Ok(ExitCode::SUCCESS);
+            };
+            let mint = || app.service.issue_service_token(&service, ttl);
+            write_private(&path, &mint()?)?;
+            if let Some(every) = renew_every {
+                let stop = shutdown_on_signal();
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => write_private(&path, &mint()?)?,
+                        () = stop.cancelled() => break,
+                    }
+                }
+            }
         }
         Command::Keys {
             command: KeysCommand::Rotate,
         } => {
+            let settings = Settings::from_env()?;
             let flashmesh_auth::config::KeyLocation::Generated { dir } = &settings.auth.keys else {
                 bail!(
                     "FLASHMESH_JWT_SIGNING_KEY_FILE is set: rotate by deploying a new key file \
@@ -159,9 +220,40 @@ async fn main() -> anyhow::Result<()> {
             };
             let kid = flashmesh_auth::keys::rotate(dir)?;
             println!("new signing key {kid}; restart the auth service to use it");
-            Ok(())
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `contents` to `path` readable by its owner only, replacing any
+/// earlier file in one rename so a reader never sees half a token.
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path
+        .file_name()
+        .with_context(|| format!("--output {} names no file", path.display()))?
+        .to_owned();
+    name.push(".tmp");
+    let temporary = path.with_file_name(name);
+    // A leftover from an interrupted run would keep its own mode.
+    match std::fs::remove_file(&temporary) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove {}", temporary.display()));
+        }
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("cannot create {}", temporary.display()))?;
+    writeln!(file, "{contents}")
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("cannot move the token into {}", path.display()))
 }
 
 async fn up(settings: Settings) -> anyhow::Result<()> {

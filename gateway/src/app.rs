@@ -6,7 +6,7 @@
 use std::{
     collections::{HashMap, HashSet},
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -37,6 +37,7 @@ use prost_reflect::{DynamicMessage, ReflectMessage, Value};
 use tokio::sync::Semaphore;
 
 use crate::{
+    client_ip::client_ip,
     config::GatewayConfig,
     edge_auth::EdgeAuth,
     problem::Problem,
@@ -274,7 +275,8 @@ impl Gateway {
             }
             (Some(token), false) => Some(self.auth.caller(token).await.map_err(token_problem)?),
         };
-        let limits = self.check_limits(peer, caller.as_ref(), rpc).await?;
+        let client = client_ip(peer.ip(), &parts.headers, &self.config.trusted_proxies);
+        let limits = self.check_limits(client, caller.as_ref(), rpc).await?;
 
         let body = self.read_body(route, &parts.headers, body).await?;
         let mut message = build_request(route, &params, parts.uri.query(), &body).map_err(|e| {
@@ -317,11 +319,11 @@ impl Gateway {
     /// headers the client sees is the tightest one.
     async fn check_limits(
         &self,
-        peer: SocketAddr,
+        client: IpAddr,
         caller: Option<&Caller>,
         rpc: &str,
     ) -> Result<Decision, Problem> {
-        let ip = format!("ip:{}", peer.ip());
+        let ip = format!("ip:{client}");
         let mut tightest = self.limiter.check(&ip, self.config.ip_quota).await;
         let user = caller.map(|caller| format!("user:{}", caller.user_id));
         let route = self.config.route_quotas.get(rpc).map(|quota| {

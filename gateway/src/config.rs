@@ -63,6 +63,10 @@ pub struct GatewayConfig {
     /// `FLASHMESH_SSE_HEARTBEAT`: comment lines that keep idle event
     /// streams open through proxies.
     pub sse_heartbeat: Duration,
+    /// `FLASHMESH_GATEWAY_TRUSTED_PROXIES`: addresses or CIDRs of the proxies
+    /// (an ingress controller) whose `X-Forwarded-For` names the client for
+    /// per-IP limits; empty means the connection's own address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 pub const DEFAULT_ADDR: SocketAddr =
@@ -129,6 +133,15 @@ fn route_quotas(env: &Env, var: &str) -> Result<HashMap<String, Quota>, ConfigEr
             Ok((rpc.trim().to_owned(), parse_quota(var, quota)?))
         })
         .collect()
+}
+
+fn trusted_proxies(env: &Env, var: &str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let raw = env.raw(var).unwrap_or_default();
+    crate::client_ip::parse_networks(raw).map_err(|reason| ConfigError {
+        var: var.to_owned(),
+        value: raw.to_owned(),
+        reason,
+    })
 }
 
 impl GatewayConfig {
@@ -198,6 +211,7 @@ impl GatewayConfig {
             route_quotas: route_quotas(env, "FLASHMESH_RATE_LIMIT_ROUTES")?,
             cors_origins: urls(env, "FLASHMESH_CORS_ORIGINS", ""),
             sse_heartbeat: env.period_or("FLASHMESH_SSE_HEARTBEAT", Duration::from_secs(15))?,
+            trusted_proxies: trusted_proxies(env, "FLASHMESH_GATEWAY_TRUSTED_PROXIES")?,
         })
     }
 }
@@ -205,6 +219,18 @@ impl GatewayConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxies_parse_or_name_their_variable() {
+        let env = Env::from_pairs([("FLASHMESH_GATEWAY_TRUSTED_PROXIES", "10.0.0.0/8,fd00::1")]);
+        let config = GatewayConfig::from_env(&env, "http://127.0.0.1:50051").unwrap();
+        assert_eq!(config.trusted_proxies.len(), 2);
+        let env = Env::from_pairs([("FLASHMESH_GATEWAY_TRUSTED_PROXIES", "10.0.0.0/40")]);
+        let err = GatewayConfig::from_env(&env, "http://127.0.0.1:50051").unwrap_err();
+        assert_eq!(err.var, "FLASHMESH_GATEWAY_TRUSTED_PROXIES");
+        let config = GatewayConfig::from_env(&Env::default(), "http://127.0.0.1:50051").unwrap();
+        assert!(config.trusted_proxies.is_empty());
+    }
 
     #[test]
     fn quotas_parse_or_name_their_variable() {

@@ -8,6 +8,7 @@
 //! Redis or in-process) and [`problem`] (every error as problem+json).
 
 pub mod app;
+pub mod client_ip;
 pub mod config;
 pub mod discovery;
 pub mod edge_auth;

@@ -8,6 +8,7 @@
 //! test fails, it never skips.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
     process::Command,
@@ -569,7 +570,7 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The pinned outside clients (buf, grpcurl, grpcio), installed once per test
+/// The pinned outside tools (scripts/requirements-tools.txt), installed once per test
 /// binary by `scripts/tools`. Returns the directory holding them.
 pub fn tools() -> &'static PathBuf {
     static TOOLS: OnceLock<PathBuf> = OnceLock::new();
@@ -590,6 +591,60 @@ pub fn tools() -> &'static PathBuf {
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every environment variable the deployed code reads, found in its
+/// sources (the binary, the platform, the services, the gateway; not tests):
+/// each quoted `FLASHMESH_*`, `DATABASE_*`, `REDIS_*` or `OTEL_*` name, as
+/// the `Env` readers take them, and `RUST_LOG` where tracing's
+/// `EnvFilter::from_default_env` reads it.
+pub fn configuration_variables() -> BTreeSet<String> {
+    let mut variables = BTreeSet::new();
+    for dir in ["src", "crates", "services", "gateway"] {
+        for file in rust_sources(&repo_root().join(dir)) {
+            let code = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+            // Unit tests sit at the end of a file, after this marker.
+            let code = code
+                .split("#[cfg(test)]\nmod tests")
+                .next()
+                .unwrap_or_default();
+            variables.extend(quoted_variables(code));
+            if code.contains("from_default_env") {
+                variables.insert("RUST_LOG".to_owned());
+            }
+        }
+    }
+    variables
+}
+
+fn rust_sources(dir: &std::path::Path) -> Vec<PathBuf> {
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.expect("directory entry").path();
+        if path.is_dir() {
+            files.extend(rust_sources(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Quoted variable names in `code`: a whole string literal of upper-case
+/// letters, digits and underscores with a configuration prefix.
+fn quoted_variables(code: &str) -> impl Iterator<Item = String> + '_ {
+    code.split('"').skip(1).step_by(2).filter_map(|literal| {
+        let configuration = ["FLASHMESH_", "DATABASE_", "REDIS_", "OTEL_"]
+            .iter()
+            .any(|prefix| literal.starts_with(prefix))
+            && literal
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        configuration.then(|| literal.to_owned())
+    })
 }
 
 pub fn now_secs() -> u64 {

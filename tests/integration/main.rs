@@ -8,6 +8,7 @@ mod common;
 mod auth;
 mod catalog;
 mod cli;
+mod deploy;
 mod gateway;
 mod order;
 mod order_faults;

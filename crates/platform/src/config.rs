@@ -173,6 +173,10 @@ pub struct ServerConfig {
     /// `FLASHMESH_SHUTDOWN_TIMEOUT`: the longest in-flight calls may take to
     /// finish once the listener has closed.
     pub shutdown_timeout: Duration,
+    /// `FLASHMESH_MAX_CONNECTION_AGE`: after this long a client connection
+    /// is sent GOAWAY (calls in flight finish), so clients reconnect and
+    /// re-balance over replicas that came up since.
+    pub max_connection_age: Duration,
 }
 
 impl Default for ServerConfig {
@@ -182,6 +186,7 @@ impl Default for ServerConfig {
             concurrency_limit: 1024,
             drain_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(25),
+            max_connection_age: Duration::from_secs(300),
         }
     }
 }
@@ -210,6 +215,8 @@ impl PlatformConfig {
                     .duration_or("FLASHMESH_SHUTDOWN_DRAIN_DELAY", defaults.drain_delay)?,
                 shutdown_timeout: env
                     .duration_or("FLASHMESH_SHUTDOWN_TIMEOUT", defaults.shutdown_timeout)?,
+                max_connection_age: env
+                    .period_or("FLASHMESH_MAX_CONNECTION_AGE", defaults.max_connection_age)?,
             },
             tokens: TokenPolicy {
                 issuer: env.parse_or("FLASHMESH_JWT_ISSUER", "flashmesh-auth".to_owned())?,
@@ -254,6 +261,10 @@ mod tests {
         let err = PlatformConfig::from_env(&env).unwrap_err();
         assert_eq!(err.var, "DATABASE_MAX_CONNECTIONS");
         assert!(err.reason.contains("between 1 and 1000"), "{err}");
+
+        let env = Env::from_pairs([("FLASHMESH_MAX_CONNECTION_AGE", "0s")]);
+        let err = PlatformConfig::from_env(&env).unwrap_err();
+        assert_eq!(err.var, "FLASHMESH_MAX_CONNECTION_AGE");
     }
 
     #[test]
@@ -266,5 +277,6 @@ mod tests {
         assert_eq!(config.database_url, None);
         assert_eq!(config.server.request_timeout, Duration::from_millis(1500));
         assert_eq!(config.server.concurrency_limit, 1024);
+        assert_eq!(config.server.max_connection_age, Duration::from_secs(300));
     }
 }

@@ -124,6 +124,19 @@ impl Database {
         Ok(())
     }
 
+    /// Applies `migrator` to `schema` and closes the pool, without starting
+    /// the service (or needing its keys): `flashmesh migrate`.
+    pub async fn migrate_only(
+        config: &PlatformConfig,
+        schema: &'static str,
+        migrator: &Migrator,
+    ) -> Result<(), StoreError> {
+        let db = Self::connect(config, schema).await?;
+        let migrated = db.migrate(migrator).await;
+        db.close().await;
+        migrated
+    }
+
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }

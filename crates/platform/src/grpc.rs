@@ -143,6 +143,10 @@ impl GrpcServer {
         };
         let server = Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            // Long-lived HTTP/2 connections would pin each client to the
+            // replicas that existed when it connected: GOAWAY after an age
+            // makes clients reconnect (calls in flight finish first).
+            .max_connection_age(config.max_connection_age)
             .layer(layers)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(

@@ -76,14 +76,6 @@ pub struct OrderApp {
 }
 
 impl OrderApp {
-    /// Applies the order schema's migrations, then closes the pool.
-    pub async fn migrate(platform: &PlatformConfig) -> Result<(), StoreError> {
-        let db = Database::connect(platform, SCHEMA).await?;
-        let migrated = db.migrate(&MIGRATOR).await;
-        db.close().await;
-        migrated
-    }
-
     /// Opens storage, runs migrations, and wires the catalog client.
     pub async fn build(
         platform: &PlatformConfig,
