@@ -59,6 +59,10 @@ pub struct GatewayConfig {
     /// `FLASHMESH_SSE_HEARTBEAT`: comment lines that keep idle event
     /// streams open through proxies.
     pub sse_heartbeat: Duration,
+    /// `FLASHMESH_GATEWAY_PUBLIC_METRICS`: also answer `GET /metrics` on the
+    /// public listener. Off by default: metrics are served on the admin
+    /// address (`FLASHMESH_METRICS_ADDR`), not to the internet.
+    pub public_metrics: bool,
 }
 
 pub const DEFAULT_ADDR: SocketAddr =
@@ -193,6 +197,7 @@ impl GatewayConfig {
             route_quotas: route_quotas(env, "FLASHMESH_RATE_LIMIT_ROUTES")?,
             cors_origins: urls(env, "FLASHMESH_CORS_ORIGINS", ""),
             sse_heartbeat: env.period_or("FLASHMESH_SSE_HEARTBEAT", Duration::from_secs(15))?,
+            public_metrics: env.parse_or("FLASHMESH_GATEWAY_PUBLIC_METRICS", false)?,
         })
     }
 }

@@ -5,11 +5,13 @@
 //! Layers: [`app`] (axum: routing, edge auth, limits, streams) over
 //! [`transcode`] (routes and JSON ↔ protobuf from the descriptors),
 //! [`edge_auth`] (token verification with a cache), [`rate_limit`] (GCRA,
-//! Redis or in-process) and [`problem`] (every error as problem+json).
+//! Redis or in-process) and [`problem`] (every error as problem+json), with
+//! [`observe`] (edge span, trace context upstream, HTTP metrics) around it.
 
 pub mod app;
 pub mod config;
 pub mod edge_auth;
+pub mod observe;
 pub mod openapi;
 pub mod problem;
 pub mod rate_limit;
@@ -25,6 +27,7 @@ use flashmesh_platform::{
     config::PlatformConfig,
     identity::{AuthServiceKeys, TokenVerifier},
     redis::RedisHandle,
+    telemetry::Telemetry,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +37,10 @@ use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
 };
 
-use crate::{app::Gateway, config::GatewayConfig, edge_auth::EdgeAuth, transcode::RouteTable};
+use crate::{
+    app::Gateway, config::GatewayConfig, edge_auth::EdgeAuth, observe::EdgeObserveLayer,
+    transcode::RouteTable,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -54,6 +60,8 @@ const TOKEN_CACHE_CAPACITY: u64 = 100_000;
 pub struct GatewayApp {
     gateway: Arc<Gateway>,
     cors_origins: Vec<String>,
+    telemetry: Telemetry,
+    public_metrics: bool,
 }
 
 impl GatewayApp {
@@ -61,6 +69,7 @@ impl GatewayApp {
         platform: &PlatformConfig,
         config: GatewayConfig,
         redis: Option<&RedisHandle>,
+        telemetry: &Telemetry,
     ) -> Result<Self, StartError> {
         let pool = prost_reflect::DescriptorPool::decode(flashmesh_proto::FILE_DESCRIPTOR_SET)?;
         let routes = RouteTable::from_descriptors(&pool, &[])?;
@@ -70,6 +79,7 @@ impl GatewayApp {
         );
         let auth = EdgeAuth::new(Arc::new(verifier), TOKEN_CACHE_CAPACITY);
         let cors_origins = config.cors_origins.clone();
+        let public_metrics = config.public_metrics;
         let gateway = Gateway::new(
             routes,
             auth,
@@ -81,6 +91,8 @@ impl GatewayApp {
         Ok(Self {
             gateway: Arc::new(gateway),
             cors_origins,
+            telemetry: telemetry.clone(),
+            public_metrics,
         })
     }
 
@@ -98,8 +110,14 @@ impl GatewayApp {
         let request_id = HeaderName::from_static("x-request-id");
         let mut router = self
             .gateway
+            .clone()
             .router()
             .layer(CompressionLayer::new())
+            .layer(EdgeObserveLayer::new(
+                &self.telemetry,
+                &self.gateway,
+                self.public_metrics,
+            ))
             .layer(PropagateRequestIdLayer::new(request_id.clone()))
             .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
         if !self.cors_origins.is_empty() {

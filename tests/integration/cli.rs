@@ -33,6 +33,7 @@ fn flashmesh(stack: &StackEnv, args: &[&str]) -> Command {
         .env("FLASHMESH_CATALOG_ADDR", "127.0.0.1:0")
         .env("FLASHMESH_ORDER_ADDR", "127.0.0.1:0")
         .env("FLASHMESH_GATEWAY_ADDR", "127.0.0.1:0")
+        .env("FLASHMESH_METRICS_ADDR", "127.0.0.1:0")
         .envs(stack.vars())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -9,5 +9,6 @@ mod auth;
 mod catalog;
 mod cli;
 mod gateway;
+mod observability;
 mod order;
 mod order_faults;
