@@ -535,6 +535,8 @@ fn readme_documents_every_configuration_variable() {
     let mut missing = Vec::new();
     for source in [
         "crates/platform/src/config.rs",
+        "crates/platform/src/telemetry.rs",
+        "crates/platform/src/metrics.rs",
         "services/auth/src/config.rs",
         "services/catalog/src/config.rs",
         "services/order/src/config.rs",
@@ -555,13 +557,13 @@ fn readme_documents_every_configuration_variable() {
     );
 }
 
-/// Quoted `FLASHMESH_*`, `DATABASE_*` and `REDIS_*` names in `code`.
+/// Quoted `FLASHMESH_*`, `DATABASE_*`, `REDIS_*` and `OTEL_*` names in `code`.
 fn env_vars_in(code: &str) -> Vec<String> {
     code.split('"')
         .skip(1)
         .step_by(2)
         .filter(|s| {
-            ["FLASHMESH_", "DATABASE_", "REDIS_"]
+            ["FLASHMESH_", "DATABASE_", "REDIS_", "OTEL_"]
                 .iter()
                 .any(|p| s.starts_with(p))
                 && s.chars()

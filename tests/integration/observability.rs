@@ -17,7 +17,10 @@ use crate::common::{
     Backend, OtlpReceiver, ReceivedSpan, StackEnv, create_deal, open_window, repo_root, sign_up,
 };
 
-on_both_backends!(one_order_is_one_trace_and_counted_once);
+on_both_backends!(
+    one_order_is_one_trace_and_counted_once,
+    sampling_is_decided_once_at_the_root,
+);
 
 const GATEWAY: &str = "flashmesh-gateway";
 const ORDER: &str = "flashmesh-order";
@@ -238,6 +241,55 @@ async fn one_order_is_one_trace_and_counted_once(backend: Backend) {
         check_deployment_files(&scrape);
     }
     admin_stop.cancel();
+}
+
+/// With a 0% ratio nothing is recorded anywhere for a new trace; a caller's
+/// sampled `traceparent` is followed by the edge and the service behind it,
+/// an unsampled one is not.
+async fn sampling_is_decided_once_at_the_root(backend: Backend) {
+    let receiver = OtlpReceiver::start().await;
+    let mut env = StackEnv::new(backend).await;
+    env.set("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint());
+    env.set("OTEL_TRACES_SAMPLER", "parentbased_traceidratio");
+    env.set("OTEL_TRACES_SAMPLER_ARG", "0");
+    let stack = env.start_orders().await;
+    let gateway = env.start_gateway(&stack).await;
+    let mut catalog = stack.catalog.catalog_client().await;
+    let deal = create_deal(&mut catalog, &stack.catalog.admin_token, 10, 2, open_window()).await;
+    let http = reqwest::Client::new();
+    let get = |traceparent: Option<&'static str>| {
+        let mut request = http.get(gateway.url(&format!("/v1/deals/{}", deal.id)));
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        async move {
+            let response = request.send().await.expect("GET the deal");
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+    };
+    get(None).await;
+    get(Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")).await;
+    env.flush_spans().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.spans().len(), 0, "unsampled requests leave no span");
+
+    let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    get(Some(sampled)).await;
+    let spans = receiver
+        .wait_for(&env, |spans| {
+            spans.iter().any(|s| s.service == CATALOG) && spans.iter().any(|s| s.service == GATEWAY)
+        })
+        .await;
+    let edge = find(&spans, GATEWAY, "GET /v1/deals/{id}", SERVER).expect("the edge span");
+    assert_eq!(edge.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(edge.parent, "00f067aa0ba902b7", "the client's span is the parent");
+    let served = find(&spans, CATALOG, "flashmesh.catalog.v1.CatalogService/GetDeal", SERVER)
+        .expect("the catalog's span");
+    assert_eq!(served.parent, edge.span_id);
+    assert!(
+        spans.iter().all(|s| s.trace_id == edge.trace_id),
+        "only the sampled trace is recorded: {spans:#?}"
+    );
 }
 
 fn find<'a>(
