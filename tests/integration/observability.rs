@@ -255,7 +255,14 @@ async fn sampling_is_decided_once_at_the_root(backend: Backend) {
     let stack = env.start_orders().await;
     let gateway = env.start_gateway(&stack).await;
     let mut catalog = stack.catalog.catalog_client().await;
-    let deal = create_deal(&mut catalog, &stack.catalog.admin_token, 10, 2, open_window()).await;
+    let deal = create_deal(
+        &mut catalog,
+        &stack.catalog.admin_token,
+        10,
+        2,
+        open_window(),
+    )
+    .await;
     let http = reqwest::Client::new();
     let get = |traceparent: Option<&'static str>| {
         let mut request = http.get(gateway.url(&format!("/v1/deals/{}", deal.id)));
@@ -268,10 +275,17 @@ async fn sampling_is_decided_once_at_the_root(backend: Backend) {
         }
     };
     get(None).await;
-    get(Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")).await;
+    get(Some(
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    ))
+    .await;
     env.flush_spans().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(receiver.spans().len(), 0, "unsampled requests leave no span");
+    assert_eq!(
+        receiver.spans().len(),
+        0,
+        "unsampled requests leave no span"
+    );
 
     let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     get(Some(sampled)).await;
@@ -282,9 +296,17 @@ async fn sampling_is_decided_once_at_the_root(backend: Backend) {
         .await;
     let edge = find(&spans, GATEWAY, "GET /v1/deals/{id}", SERVER).expect("the edge span");
     assert_eq!(edge.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_eq!(edge.parent, "00f067aa0ba902b7", "the client's span is the parent");
-    let served = find(&spans, CATALOG, "flashmesh.catalog.v1.CatalogService/GetDeal", SERVER)
-        .expect("the catalog's span");
+    assert_eq!(
+        edge.parent, "00f067aa0ba902b7",
+        "the client's span is the parent"
+    );
+    let served = find(
+        &spans,
+        CATALOG,
+        "flashmesh.catalog.v1.CatalogService/GetDeal",
+        SERVER,
+    )
+    .expect("the catalog's span");
     assert_eq!(served.parent, edge.span_id);
     assert!(
         spans.iter().all(|s| s.trace_id == edge.trace_id),

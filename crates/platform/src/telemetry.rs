@@ -379,12 +379,7 @@ impl Telemetry {
             .span_builder(name)
             .with_kind(kind)
             .with_attributes(attributes())
-            .with_links(
-                cause
-                    .map(|cause| Link::with_context(cause))
-                    .into_iter()
-                    .collect(),
-            )
+            .with_links(cause.map(Link::with_context).into_iter().collect())
             .start_with_context(&tracing.tracer, &Context::new());
         Some(
             Context::new()
