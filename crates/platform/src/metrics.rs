@@ -265,3 +265,68 @@ impl RouteMetrics {
         latency.observe(elapsed.as_secs_f64());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_family_is_registered_once_and_shared() {
+        let metrics = Metrics::default();
+        let first = metrics.counter_family::<1>("flashmesh_test_things", "Things");
+        let second = metrics.counter_family::<1>("flashmesh_test_things", "Things again");
+        first.get_or_create(&[("kind", "a".to_owned())]).inc();
+        second.get_or_create(&[("kind", "a".to_owned())]).inc();
+        let text = metrics.render();
+        assert_eq!(
+            text.matches("# HELP flashmesh_test_things ").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains("flashmesh_test_things_total{kind=\"a\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn route_metrics_count_by_outcome() {
+        let metrics = Metrics::default();
+        let families = RequestFamilies::new(
+            &metrics,
+            [
+                "flashmesh_test_requests",
+                "flashmesh_test_seconds",
+                "flashmesh_test_in_flight",
+            ],
+            ("route", "status"),
+            600,
+            |status| status.to_string(),
+        );
+        let route = families.route("GET /x");
+        route.in_flight.inc();
+        route.finish(200, Duration::from_millis(3));
+        route.finish(200, Duration::from_millis(3));
+        route.finish(503, Duration::from_secs(20));
+        route.in_flight.dec();
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"flashmesh_test_requests_total{route="GET /x",status="200"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"flashmesh_test_requests_total{route="GET /x",status="503"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"flashmesh_test_seconds_bucket{le="0.005",route="GET /x",status="200"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"flashmesh_test_in_flight{route="GET /x"} 0"#),
+            "{text}"
+        );
+    }
+}

@@ -394,3 +394,102 @@ where
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const RPC: &str = "flashmesh.test.v1.TestService/Get";
+
+    fn request() -> http::Request<Body> {
+        http::Request::builder()
+            .uri(format!("/{RPC}"))
+            .body(Body::empty())
+            .expect("request")
+    }
+
+    fn count(telemetry: &Telemetry, code: &str) -> Option<String> {
+        let text = telemetry.metrics().render();
+        let prefix =
+            format!(r#"flashmesh_rpc_server_requests_total{{rpc="{RPC}",code="{code}"}} "#);
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix).map(str::to_owned))
+    }
+
+    #[tokio::test]
+    async fn statuses_are_counted_from_headers_and_cancellation() {
+        let telemetry = Telemetry::disabled("test");
+        let layer = ServerObserveLayer::new(&telemetry, [(RPC.to_owned(), false)]);
+        let ok = tower::service_fn(|_: http::Request<Body>| async {
+            Ok::<_, Infallible>(http::Response::new(Body::empty()))
+        });
+        layer.layer(ok).oneshot(request()).await.expect("answer");
+        let refused = tower::service_fn(|_: http::Request<Body>| async {
+            Ok::<_, Infallible>(Status::not_found("no").into_http())
+        });
+        layer
+            .layer(refused)
+            .oneshot(request())
+            .await
+            .expect("answer");
+        let shed = tower::service_fn(|_: http::Request<Body>| async {
+            Err::<http::Response<Body>, BoxError>(Box::new(Status::unavailable("busy")))
+        });
+        assert!(layer.layer(shed).oneshot(request()).await.is_err());
+        let never = tower::service_fn(|_: http::Request<Body>| {
+            futures::future::pending::<Result<http::Response<Body>, Infallible>>()
+        });
+        let abandoned = layer.layer(never).oneshot(request());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(10), abandoned)
+                .await
+                .is_err()
+        );
+        assert_eq!(count(&telemetry, "OK").as_deref(), Some("1"));
+        assert_eq!(count(&telemetry, "NOT_FOUND").as_deref(), Some("1"));
+        assert_eq!(count(&telemetry, "UNAVAILABLE").as_deref(), Some("1"));
+        assert_eq!(count(&telemetry, "CANCELLED").as_deref(), Some("1"));
+        let text = telemetry.metrics().render();
+        assert!(
+            text.contains(&format!(
+                r#"flashmesh_rpc_server_in_flight{{rpc="{RPC}"}} 0"#
+            )),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_counted_at_its_end_with_its_trailers() {
+        let telemetry = Telemetry::disabled("test");
+        let layer = ServerObserveLayer::new(&telemetry, [(RPC.to_owned(), true)]);
+        let streaming = tower::service_fn(|_: http::Request<Body>| async {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+            let frames = futures::stream::iter([
+                Ok::<_, Status>(Frame::data(bytes::Bytes::from_static(b"x"))),
+                Ok(Frame::trailers(trailers)),
+            ]);
+            Ok::<_, Infallible>(http::Response::new(Body::new(
+                http_body_util::StreamBody::new(frames),
+            )))
+        });
+        let response = layer
+            .layer(streaming)
+            .oneshot(request())
+            .await
+            .expect("answer");
+        assert_eq!(
+            count(&telemetry, "DEADLINE_EXCEEDED"),
+            None,
+            "not before the end"
+        );
+        let body = response.into_body();
+        let collected = http_body_util::BodyExt::collect(body).await.expect("body");
+        assert!(collected.trailers().is_some());
+        assert_eq!(count(&telemetry, "DEADLINE_EXCEEDED").as_deref(), Some("1"));
+    }
+}
