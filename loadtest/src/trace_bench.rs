@@ -99,6 +99,8 @@ async fn start_sink() -> anyhow::Result<(String, SpanCounter)> {
 
 struct Measured {
     mode: usize,
+    /// 1-minute load average when the run began: other work on the machine.
+    load: String,
     row: Row,
     server_us_per_request: f64,
     spans_per_request: f64,
@@ -167,6 +169,10 @@ async fn measure(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let spans_before = spans.0.load(Ordering::Relaxed);
     let cpu_before = process_cpu_ticks(pid);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default();
     let row = run(
         &format!("GetDeal via gateway, {}", MODES[mode].0),
         Mode::RedisGate,
@@ -182,6 +188,7 @@ async fn measure(
     let requests = row.ok.max(1) as f64;
     Ok(Measured {
         mode,
+        load,
         server_us_per_request: cpu as f64 * 1e6 / ticks_per_second() / requests,
         spans_per_request: exported as f64 / requests,
         row,
@@ -259,14 +266,15 @@ fn print_report(options: &TracingOptions, measured: &[Measured], layer: &LayerCo
     );
     println!("Every run, in the order run:\n");
     println!(
-        "| round | trace export | requests/s | p50 ms | p99 ms | errors | `flashmesh up` CPU µs/req | spans exported/req |"
+        "| round | trace export | load avg | requests/s | p50 ms | p99 ms | errors | `flashmesh up` CPU µs/req | spans exported/req |"
     );
-    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (n, m) in measured.iter().enumerate() {
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {:.1} | {:.2} |",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {:.1} | {:.2} |",
             n / MODES.len() + 1,
             MODES[m.mode].0,
+            m.load,
             m.row.ok_throughput(),
             ms_at(&m.row.ok_latency, 0.50),
             ms_at(&m.row.ok_latency, 0.99),
@@ -275,26 +283,33 @@ fn print_report(options: &TracingOptions, measured: &[Measured], layer: &LayerCo
             m.spans_per_request,
         );
     }
-    let mean = |mode: usize, f: &dyn Fn(&Measured) -> f64| {
-        let values: Vec<f64> = measured.iter().filter(|m| m.mode == mode).map(f).collect();
-        values.iter().sum::<f64>() / values.len().max(1) as f64
+    // The median: a run disturbed by other work on the machine moves it
+    // least.
+    let median = |mode: usize, f: &dyn Fn(&Measured) -> f64| {
+        let mut values: Vec<f64> = measured.iter().filter(|m| m.mode == mode).map(f).collect();
+        values.sort_by(f64::total_cmp);
+        match values.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => values[n / 2],
+            n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+        }
     };
-    let off_rps = mean(0, &|m| m.row.ok_throughput());
-    let off_cpu = mean(0, &|m| m.server_us_per_request);
-    println!("\nMeans over the rounds:\n");
+    let off_rps = median(0, &|m| m.row.ok_throughput());
+    let off_cpu = median(0, &|m| m.server_us_per_request);
+    println!("\nMedians over the rounds:\n");
     println!(
         "| trace export | requests/s | vs off | p99 ms | `flashmesh up` CPU µs/req | vs off | spans exported/req |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (mode, (label, _)) in MODES.iter().enumerate() {
-        let rps = mean(mode, &|m| m.row.ok_throughput());
-        let cpu = mean(mode, &|m| m.server_us_per_request);
+        let rps = median(mode, &|m| m.row.ok_throughput());
+        let cpu = median(mode, &|m| m.server_us_per_request);
         println!(
             "| {label} | {rps:.0} | {:+.1}% | {:.2} | {cpu:.1} | {:+.1}% | {:.2} |",
             (rps / off_rps - 1.0) * 100.0,
-            mean(mode, &|m| ms_at(&m.row.ok_latency, 0.99)),
+            median(mode, &|m| ms_at(&m.row.ok_latency, 0.99)),
             (cpu / off_cpu - 1.0) * 100.0,
-            mean(mode, &|m| m.spans_per_request),
+            median(mode, &|m| m.spans_per_request),
         );
     }
     println!(
