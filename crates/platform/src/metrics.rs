@@ -243,10 +243,6 @@ impl RequestFamilies {
 }
 
 impl RouteMetrics {
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-
     /// Counts one request with outcome `outcome` (out of range counts as the
     /// last) that took `elapsed`.
     pub fn finish(&self, outcome: usize, elapsed: Duration) {

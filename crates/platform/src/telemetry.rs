@@ -279,10 +279,6 @@ impl Telemetry {
         }
     }
 
-    pub fn service(&self) -> &str {
-        &self.inner.service
-    }
-
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
@@ -509,15 +505,6 @@ pub fn event(name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
     Context::map_current(|current| {
         if current.get::<ActiveTracer>().is_some() {
             current.span().add_event(name, attributes());
-        }
-    });
-}
-
-/// Sets attributes on the current span if it is sampled.
-pub fn annotate(attributes: impl FnOnce() -> Vec<KeyValue>) {
-    Context::map_current(|current| {
-        if current.get::<ActiveTracer>().is_some() {
-            current.span().set_attributes(attributes());
         }
     });
 }
