@@ -156,15 +156,13 @@ impl Shared {
             .map(RequestId);
         let cx = if self.telemetry.tracing() {
             let parent = telemetry::extract(request.headers());
-            let cx = self
-                .telemetry
-                .start(&parent, edge.name.clone(), Kind::Server, || {
-                    vec![
-                        Attribute::new("http.request.method", request.method().to_string()),
-                        Attribute::new("http.route", edge.template.clone()),
-                        Attribute::new("url.path", request.uri().path().to_owned()),
-                    ]
-                });
+            let cx = self.telemetry.start(&parent, &edge.name, Kind::Server, || {
+                vec![
+                    Attribute::new("http.request.method", request.method().to_string()),
+                    Attribute::new("http.route", edge.template.clone()),
+                    Attribute::new("url.path", request.uri().path().to_owned()),
+                ]
+            });
             if let Some(cx) = &cx {
                 telemetry::inject(cx, request.headers_mut());
             }

@@ -118,7 +118,7 @@ impl Shared {
         let cx = if self.telemetry.tracing() {
             let parent = telemetry::extract(headers);
             self.telemetry
-                .start(&parent, rpc.name.clone(), SpanKind::Server, || {
+                .start(&parent, &rpc.name, SpanKind::Server, || {
                     vec![
                         KeyValue::new("rpc.system", "grpc"),
                         KeyValue::new("rpc.service", rpc.service.clone()),

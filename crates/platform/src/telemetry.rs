@@ -301,11 +301,12 @@ impl Telemetry {
     /// of `parent` (a caller's remote context, or empty for a new trace),
     /// sampled as configured. Unsampled, it carries a non-recording span
     /// context that propagates the decision (flags `00`); `None` when
-    /// tracing is off. `attributes` are built only for a sampled span.
+    /// tracing is off. The name is copied and `attributes` are built only
+    /// for a sampled span.
     pub fn start(
         &self,
         parent: &Context,
-        name: impl Into<Cow<'static, str>>,
+        name: &str,
         kind: SpanKind,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Context> {
@@ -333,7 +334,7 @@ impl Telemetry {
         }
         let span = tracing
             .tracer
-            .span_builder(name)
+            .span_builder(name.to_owned())
             .with_kind(kind)
             .with_attributes(attributes())
             .start_with_context(&tracing.tracer, parent);
@@ -351,7 +352,7 @@ impl Telemetry {
     pub fn start_linked(
         &self,
         cause: Option<SpanContext>,
-        name: impl Into<Cow<'static, str>>,
+        name: &str,
         kind: SpanKind,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Context> {
@@ -372,7 +373,7 @@ impl Telemetry {
         }
         let span = tracing
             .tracer
-            .span_builder(name)
+            .span_builder(name.to_owned())
             .with_kind(kind)
             .with_attributes(attributes())
             .with_links(cause.map(Link::with_context).into_iter().collect())
