@@ -28,8 +28,10 @@ use flashmesh_platform::{
     config::{Env, PlatformConfig},
     db::Database,
     identity::Role,
+    metrics::{self, Metrics},
     redis::RedisHandle,
     runtime::{init_logging, shutdown_on_signal},
+    telemetry::Telemetry,
 };
 use tokio::net::TcpListener;
 
@@ -136,6 +138,26 @@ impl Settings {
         })
     }
 
+    /// The telemetry of `part` (`auth`, …); `shared_process` under `up`.
+    fn telemetry(
+        &self,
+        part: &str,
+        shared_process: bool,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Telemetry> {
+        let config = &self.platform.telemetry;
+        Ok(Telemetry::new(
+            config,
+            config.service_name(part, shared_process),
+            metrics,
+        )?)
+    }
+
+    /// The admin listener serving `/metrics`.
+    async fn metrics_listener(&self) -> anyhow::Result<TcpListener> {
+        bind(self.platform.metrics_addr, "FLASHMESH_METRICS_ADDR").await
+    }
+
     async fn redis(&self) -> anyhow::Result<Option<RedisHandle>> {
         match &self.platform.redis_url {
             Some(url) => Ok(Some(
@@ -191,7 +213,13 @@ async fn main() -> anyhow::Result<ExitCode> {
                 bail!("--renew-every must be shorter than --ttl, or the token lapses in between");
             }
             let settings = Settings::from_env()?;
-            let app = AuthApp::build(&settings.platform, settings.auth, None).await?;
+            let app = AuthApp::build(
+                &settings.platform,
+                settings.auth,
+                None,
+                &Telemetry::disabled("token"),
+            )
+            .await?;
             let Some(path) = output else {
                 println!("{}", app.service.issue_service_token(&service, ttl)?);
                 return Ok(ExitCode::SUCCESS);
@@ -262,6 +290,18 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     let catalog_listener = bind(settings.catalog.listen_addr, "FLASHMESH_CATALOG_ADDR").await?;
     let order_listener = bind(settings.order.listen_addr, "FLASHMESH_ORDER_ADDR").await?;
     let gateway_listener = bind(settings.gateway.listen_addr, "FLASHMESH_GATEWAY_ADDR").await?;
+    let metrics_listener = settings.metrics_listener().await?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    // One registry for the process; a tracer per service, so each has its
+    // own service.name.
+    let metrics = Metrics::default();
+    let telemetry = |part: &str| settings.telemetry(part, true, &metrics);
+    let (auth_telemetry, catalog_telemetry, order_telemetry, gateway_telemetry) = (
+        telemetry("auth")?,
+        telemetry("catalog")?,
+        telemetry("order")?,
+        telemetry("gateway")?,
+    );
     let auth_addr = auth_listener.local_addr()?;
     let catalog_addr = catalog_listener.local_addr()?;
     let order_addr = order_listener.local_addr()?;
@@ -271,8 +311,14 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     platform.auth_url = format!("http://{auth_addr}");
     let mut order_config = settings.order.clone();
     order_config.catalog_url = format!("http://{catalog_addr}");
-    let auth = AuthApp::build(&platform, settings.auth, redis.as_ref()).await?;
-    let catalog = CatalogApp::build(&platform, settings.catalog, redis.as_ref()).await?;
+    let auth = AuthApp::build(&platform, settings.auth, redis.as_ref(), &auth_telemetry).await?;
+    let catalog = CatalogApp::build(
+        &platform,
+        settings.catalog,
+        redis.as_ref(),
+        &catalog_telemetry,
+    )
+    .await?;
     // The order service's token for the catalog, minted with the auth
     // service's key in this process.
     let minter = auth.service.clone();
@@ -282,7 +328,14 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
                 .issue_service_token("order", ttl)
                 .map_err(|e| e.to_string())
         }));
-    let order = OrderApp::build(&platform, order_config, redis.as_ref(), token).await?;
+    let order = OrderApp::build(
+        &platform,
+        order_config,
+        redis.as_ref(),
+        token,
+        &order_telemetry,
+    )
+    .await?;
     let mut gateway_config = settings.gateway.clone();
     for upstream in &mut gateway_config.upstreams {
         let addr = match upstream.service.as_str() {
@@ -292,7 +345,13 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         };
         upstream.urls = vec![format!("http://{addr}")];
     }
-    let gateway = GatewayApp::build(&platform, gateway_config, redis.as_ref()).await?;
+    let gateway = GatewayApp::build(
+        &platform,
+        gateway_config,
+        redis.as_ref(),
+        &gateway_telemetry,
+    )
+    .await?;
 
     let store = platform.database_url.as_deref().map_or_else(
         || format!("SQLite under {}", platform.data_dir.display()),
@@ -304,7 +363,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         "in-process cache and limits"
     };
     let banner = format!(
-        "flashmesh is up ({store}; {mode})\n  gateway  http://{gateway_addr}\n  auth     grpc://{auth_addr}\n  catalog  grpc://{catalog_addr}\n  order    grpc://{order_addr}\n\n\
+        "flashmesh is up ({store}; {mode})\n  gateway  http://{gateway_addr}\n  auth     grpc://{auth_addr}\n  catalog  grpc://{catalog_addr}\n  order    grpc://{order_addr}\n  metrics  http://{metrics_addr}/metrics\n\n\
          Try:\n  curl -s 'http://{gateway_addr}/v1/deals?states=DEAL_STATE_ACTIVE'\n  \
          grpcurl -plaintext {auth_addr} list\n  \
          grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
@@ -321,6 +380,27 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         async { Ok(catalog.serve(catalog_listener, shutdown.clone()).await?) },
         async { Ok(order.serve(order_listener, shutdown.clone()).await?) },
         async { Ok(gateway.serve(gateway_listener, shutdown.clone()).await?) },
+        async { Ok(metrics::serve(metrics_listener, metrics.clone(), shutdown.clone()).await?) },
+    )?;
+    Ok(())
+}
+
+/// Serves `app` and the metrics of `telemetry` until a signal.
+async fn serve_alone<F, Fut, E>(
+    telemetry: &Telemetry,
+    admin: TcpListener,
+    app: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: Into<anyhow::Error>,
+{
+    let shutdown = shutdown_on_signal();
+    tracing::info!(addr = %admin.local_addr()?, "metrics at /metrics");
+    tokio::try_join!(
+        async { app(shutdown.clone()).await.map_err(Into::into) },
+        async { Ok(metrics::serve(admin, telemetry.metrics().clone(), shutdown.clone()).await?) },
     )?;
     Ok(())
 }
@@ -328,19 +408,33 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
 async fn auth(settings: Settings) -> anyhow::Result<()> {
     let redis = settings.redis().await?;
     let listener = bind(settings.auth.listen_addr, "FLASHMESH_AUTH_ADDR").await?;
+    let admin = settings.metrics_listener().await?;
     tracing::info!(addr = %listener.local_addr()?, "auth service listening");
-    let app = AuthApp::build(&settings.platform, settings.auth, redis.as_ref()).await?;
-    app.serve(listener, shutdown_on_signal()).await?;
-    Ok(())
+    let telemetry = settings.telemetry("auth", false, &Metrics::default())?;
+    let app = AuthApp::build(
+        &settings.platform,
+        settings.auth,
+        redis.as_ref(),
+        &telemetry,
+    )
+    .await?;
+    serve_alone(&telemetry, admin, |shutdown| app.serve(listener, shutdown)).await
 }
 
 async fn catalog(settings: Settings) -> anyhow::Result<()> {
     let redis = settings.redis().await?;
     let listener = bind(settings.catalog.listen_addr, "FLASHMESH_CATALOG_ADDR").await?;
+    let admin = settings.metrics_listener().await?;
     tracing::info!(addr = %listener.local_addr()?, "catalog service listening");
-    let app = CatalogApp::build(&settings.platform, settings.catalog, redis.as_ref()).await?;
-    app.serve(listener, shutdown_on_signal()).await?;
-    Ok(())
+    let telemetry = settings.telemetry("catalog", false, &Metrics::default())?;
+    let app = CatalogApp::build(
+        &settings.platform,
+        settings.catalog,
+        redis.as_ref(),
+        &telemetry,
+    )
+    .await?;
+    serve_alone(&telemetry, admin, |shutdown| app.serve(listener, shutdown)).await
 }
 
 async fn order(settings: Settings) -> anyhow::Result<()> {
@@ -352,25 +446,41 @@ async fn order(settings: Settings) -> anyhow::Result<()> {
     };
     let redis = settings.redis().await?;
     let listener = bind(settings.order.listen_addr, "FLASHMESH_ORDER_ADDR").await?;
+    let admin = settings.metrics_listener().await?;
     tracing::info!(addr = %listener.local_addr()?, "order service listening");
     let token: Arc<dyn ServiceToken> = Arc::new(TokenFile::new(token_file));
-    let app = OrderApp::build(&settings.platform, settings.order, redis.as_ref(), token).await?;
-    app.serve(listener, shutdown_on_signal()).await?;
-    Ok(())
+    let telemetry = settings.telemetry("order", false, &Metrics::default())?;
+    let app = OrderApp::build(
+        &settings.platform,
+        settings.order,
+        redis.as_ref(),
+        token,
+        &telemetry,
+    )
+    .await?;
+    serve_alone(&telemetry, admin, |shutdown| app.serve(listener, shutdown)).await
 }
 
 async fn gateway(settings: Settings) -> anyhow::Result<()> {
     let redis = settings.redis().await?;
     let listener = bind(settings.gateway.listen_addr, "FLASHMESH_GATEWAY_ADDR").await?;
+    let admin = settings.metrics_listener().await?;
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    let app = GatewayApp::build(&settings.platform, settings.gateway, redis.as_ref()).await?;
-    app.serve(listener, shutdown_on_signal()).await?;
-    Ok(())
+    let telemetry = settings.telemetry("gateway", false, &Metrics::default())?;
+    let app = GatewayApp::build(
+        &settings.platform,
+        settings.gateway,
+        redis.as_ref(),
+        &telemetry,
+    )
+    .await?;
+    serve_alone(&telemetry, admin, |shutdown| app.serve(listener, shutdown)).await
 }
 
 async fn admin(settings: Settings, email: &str, display_name: &str) -> anyhow::Result<()> {
     let redis = settings.redis().await?;
-    let app = AuthApp::build(&settings.platform, settings.auth, redis.as_ref()).await?;
+    let quiet = Telemetry::disabled("admin");
+    let app = AuthApp::build(&settings.platform, settings.auth, redis.as_ref(), &quiet).await?;
     if app.service.promote_to_admin(email).await? {
         println!("{email} is now an admin");
         return Ok(());

@@ -67,6 +67,10 @@ pub struct GatewayConfig {
     /// (an ingress controller) whose `X-Forwarded-For` names the client for
     /// per-IP limits; empty means the connection's own address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `FLASHMESH_GATEWAY_PUBLIC_METRICS`: also answer `GET /metrics` on the
+    /// public listener. Off by default: metrics are served on the admin
+    /// address (`FLASHMESH_METRICS_ADDR`), not to the internet.
+    pub public_metrics: bool,
 }
 
 pub const DEFAULT_ADDR: SocketAddr =
@@ -212,6 +216,7 @@ impl GatewayConfig {
             cors_origins: urls(env, "FLASHMESH_CORS_ORIGINS", ""),
             sse_heartbeat: env.period_or("FLASHMESH_SSE_HEARTBEAT", Duration::from_secs(15))?,
             trusted_proxies: trusted_proxies(env, "FLASHMESH_GATEWAY_TRUSTED_PROXIES")?,
+            public_metrics: env.parse_or("FLASHMESH_GATEWAY_PUBLIC_METRICS", false)?,
         })
     }
 }

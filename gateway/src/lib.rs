@@ -5,13 +5,15 @@
 //! Layers: [`app`] (axum: routing, edge auth, limits, streams) over
 //! [`transcode`] (routes and JSON ↔ protobuf from the descriptors),
 //! [`edge_auth`] (token verification with a cache), [`rate_limit`] (GCRA,
-//! Redis or in-process) and [`problem`] (every error as problem+json).
+//! Redis or in-process) and [`problem`] (every error as problem+json), with
+//! [`observe`] (edge span, trace context upstream, HTTP metrics) around it.
 
 pub mod app;
 pub mod client_ip;
 pub mod config;
 pub mod discovery;
 pub mod edge_auth;
+pub mod observe;
 pub mod openapi;
 pub mod problem;
 pub mod rate_limit;
@@ -27,6 +29,7 @@ use flashmesh_platform::{
     config::PlatformConfig,
     identity::{AuthServiceKeys, TokenVerifier},
     redis::RedisHandle,
+    telemetry::Telemetry,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +46,7 @@ use crate::{
     app::Gateway,
     config::{GatewayConfig, Upstream},
     edge_auth::EdgeAuth,
+    observe::EdgeObserveLayer,
     transcode::RouteTable,
 };
 
@@ -73,6 +77,8 @@ const TOKEN_CACHE_CAPACITY: u64 = 100_000;
 pub struct GatewayApp {
     gateway: Arc<Gateway>,
     cors_origins: Vec<String>,
+    telemetry: Telemetry,
+    public_metrics: bool,
 }
 
 impl GatewayApp {
@@ -80,6 +86,7 @@ impl GatewayApp {
         platform: &PlatformConfig,
         mut config: GatewayConfig,
         redis: Option<&RedisHandle>,
+        telemetry: &Telemetry,
     ) -> Result<Self, StartError> {
         let mut pool = prost_reflect::DescriptorPool::decode(flashmesh_proto::FILE_DESCRIPTOR_SET)?;
         for url in config.reflection_urls.clone() {
@@ -98,6 +105,7 @@ impl GatewayApp {
         );
         let auth = EdgeAuth::new(Arc::new(verifier), TOKEN_CACHE_CAPACITY);
         let cors_origins = config.cors_origins.clone();
+        let public_metrics = config.public_metrics;
         let gateway = Gateway::new(
             routes,
             auth,
@@ -109,6 +117,8 @@ impl GatewayApp {
         Ok(Self {
             gateway: Arc::new(gateway),
             cors_origins,
+            telemetry: telemetry.clone(),
+            public_metrics,
         })
     }
 
@@ -126,10 +136,16 @@ impl GatewayApp {
         let request_id = HeaderName::from_static("x-request-id");
         let mut router =
             self.gateway
+                .clone()
                 .router()
                 // Small answers cost more to compress than they save.
                 .layer(CompressionLayer::new().compress_when(
                     DefaultPredicate::new().and(SizeAbove::new(COMPRESS_ABOVE_BYTES)),
+                ))
+                .layer(EdgeObserveLayer::new(
+                    &self.telemetry,
+                    &self.gateway,
+                    self.public_metrics,
                 ))
                 .layer(PropagateRequestIdLayer::new(request_id.clone()))
                 .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));

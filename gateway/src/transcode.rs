@@ -389,6 +389,14 @@ impl RouteTable {
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         self.routes.iter()
     }
+
+    /// The position in [`RouteTable::routes`] of the route `method` +
+    /// `path` takes, without decoding its parameters (for labelling).
+    pub fn route_index(&self, method: &Method, path: &str) -> Option<usize> {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let (_, router) = self.routers.iter().find(|(m, _)| m == method)?;
+        router.at(path).ok().map(|matched| *matched.value)
+    }
 }
 
 fn method_rank(m: &Method) -> (u8, String) {

@@ -237,7 +237,7 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn http_get(
+pub(crate) async fn http_get(
     client: &reqwest::Client,
     url: &str,
     bearer: Option<&str>,
@@ -308,7 +308,7 @@ pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-fn process_cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn process_cpu_ticks(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .as_deref()
@@ -317,7 +317,7 @@ fn process_cpu_ticks(pid: u32) -> u64 {
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux in practice).
-fn ticks_per_second() -> f64 {
+pub(crate) fn ticks_per_second() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()

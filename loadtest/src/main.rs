@@ -6,6 +6,9 @@
 //! (grpc.health.v1 Check) for scale. `loadtest/bench-orders` runs
 //! `flashmesh-loadtest orders`: PlaceOrder (flash rush, sustained, idempotent
 //! replay) with and without the gate, and a count of every unit afterwards.
+//! `loadtest/bench-tracing` runs `flashmesh-loadtest tracing`: the gateway
+//! with trace export off, on at 100% and at 10% sampling, and the server
+//! observation layer's cost per call.
 //! Each prints Markdown tables.
 
 mod bare_hop;
@@ -14,6 +17,7 @@ mod gateway;
 mod orders;
 mod run;
 mod stack;
+mod trace_bench;
 
 use std::time::Duration;
 
@@ -97,6 +101,22 @@ enum Bench {
         #[arg(long)]
         no_redis: bool,
     },
+    /// Cache-hot GET /v1/deals/{id} through the gateway with trace export
+    /// off, on at 100% and on at 10% sampling (to an in-process OTLP sink),
+    /// and the server observation layer's cost per call.
+    Tracing {
+        /// How long each measured run lasts (after a 2 s warm-up).
+        #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 64)]
+        callers: usize,
+        /// Runs per mode, interleaved, each on a fresh stack.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Calls per mode in the layer measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        layer_calls: usize,
+    },
 }
 
 #[tokio::main]
@@ -161,6 +181,20 @@ async fn main() -> anyhow::Result<()> {
                 no_redis,
             };
             gateway::gateway(&backends, &options).await
+        }
+        Bench::Tracing {
+            duration,
+            callers,
+            rounds,
+            layer_calls,
+        } => {
+            let options = trace_bench::TracingOptions {
+                duration,
+                callers,
+                rounds,
+                layer_calls,
+            };
+            trace_bench::tracing(&backends, &options).await
         }
     }
 }

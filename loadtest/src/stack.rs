@@ -483,6 +483,7 @@ fn stack_env(database_url: &str, data_dir: &std::path::Path) -> Vec<(String, Str
         ("FLASHMESH_AUTH_ADDR".into(), "127.0.0.1:0".into()),
         ("FLASHMESH_CATALOG_ADDR".into(), "127.0.0.1:0".into()),
         ("FLASHMESH_ORDER_ADDR".into(), "127.0.0.1:0".into()),
+        ("FLASHMESH_METRICS_ADDR".into(), "127.0.0.1:0".into()),
         ("FLASHMESH_CONCURRENCY_LIMIT".into(), "100000".into()),
         ("DATABASE_MAX_CONNECTIONS".into(), "20".into()),
         ("RUST_LOG".into(), "error".into()),

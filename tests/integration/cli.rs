@@ -33,6 +33,7 @@ fn flashmesh(stack: &StackEnv, args: &[&str]) -> Command {
         .env("FLASHMESH_CATALOG_ADDR", "127.0.0.1:0")
         .env("FLASHMESH_ORDER_ADDR", "127.0.0.1:0")
         .env("FLASHMESH_GATEWAY_ADDR", "127.0.0.1:0")
+        .env("FLASHMESH_METRICS_ADDR", "127.0.0.1:0")
         .envs(stack.vars())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -47,6 +48,8 @@ struct Stack {
     auth_addr: String,
     catalog_addr: String,
     order_addr: String,
+    /// The admin listener's `/metrics` URL.
+    metrics_url: String,
 }
 
 impl Stack {
@@ -56,9 +59,9 @@ impl Stack {
             .expect("spawn flashmesh up");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let (auth_addr, catalog_addr, order_addr) =
+        let (auth_addr, catalog_addr, order_addr, metrics_url) =
             tokio::time::timeout(Duration::from_secs(30), async {
-                let (mut auth, mut catalog) = (None, None);
+                let (mut auth, mut catalog, mut order) = (None, None, None);
                 while let Some(line) = lines.next_line().await.expect("read stdout") {
                     let line = line.trim();
                     if let Some(addr) = line.strip_prefix("auth     grpc://") {
@@ -68,10 +71,14 @@ impl Stack {
                         catalog = Some(addr.to_owned());
                     }
                     if let Some(addr) = line.strip_prefix("order    grpc://") {
+                        order = Some(addr.to_owned());
+                    }
+                    if let Some(url) = line.strip_prefix("metrics  ") {
                         return (
                             auth.expect("auth is printed first"),
                             catalog.expect("catalog is printed before order"),
-                            addr.to_owned(),
+                            order.expect("order is printed before metrics"),
+                            url.to_owned(),
                         );
                     }
                 }
@@ -86,6 +93,7 @@ impl Stack {
             auth_addr,
             catalog_addr,
             order_addr,
+            metrics_url,
         }
     }
 
@@ -637,6 +645,21 @@ async fn grpcurl_places_an_order_through_up(backend: Backend) {
             "sales counted: {sales}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // One admin listener serves every service's metrics.
+    let metrics = reqwest::get(&stack.metrics_url)
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("text");
+    for sample in [
+        r#"flashmesh_rpc_server_requests_total{rpc="flashmesh.order.v1.OrderService/PlaceOrder",code="OK"} 2"#,
+        r#"flashmesh_rpc_server_requests_total{rpc="flashmesh.order.v1.OrderService/PlaceOrder",code="FAILED_PRECONDITION"} 1"#,
+        r#"flashmesh_rpc_server_requests_total{rpc="flashmesh.catalog.v1.CatalogService/CreateDeal",code="OK"} 1"#,
+    ] {
+        assert!(metrics.contains(sample), "{sample} in {metrics}");
     }
     stack.stop().await;
 }

@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::Command,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use flashmesh_auth::{
@@ -31,7 +31,9 @@ use flashmesh_platform::time::timestamp_from_millis;
 use flashmesh_platform::{
     config::{Env, PlatformConfig},
     identity::{AccessClaims, Role},
+    metrics::Metrics,
     redis::RedisHandle,
+    telemetry::Telemetry,
 };
 use flashmesh_proto::{
     auth::v1::{LoginRequest, SignUpRequest, TokenPair, auth_service_client::AuthServiceClient},
@@ -139,6 +141,10 @@ pub struct StackEnv {
     pub env: Env,
     pub data_dir: tempfile::TempDir,
     pub database: Option<TestDatabase>,
+    /// The stack's one registry, as under `flashmesh up`.
+    pub metrics: Metrics,
+    /// Every service's telemetry, to flush spans.
+    telemetries: Mutex<Vec<Telemetry>>,
 }
 
 impl StackEnv {
@@ -167,7 +173,34 @@ impl StackEnv {
             env,
             data_dir,
             database,
+            metrics: Metrics::default(),
+            telemetries: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The telemetry of service `part`, as `flashmesh up` makes it.
+    pub fn telemetry(&self, part: &str) -> Telemetry {
+        let config = &self.platform().telemetry;
+        let telemetry = Telemetry::new(config, config.service_name(part, true), &self.metrics)
+            .expect("telemetry");
+        self.telemetries
+            .lock()
+            .expect("telemetries")
+            .push(telemetry.clone());
+        telemetry
+    }
+
+    /// Exports every finished span now (on the blocking pool: a flush
+    /// waits for the exporter, which runs on this runtime).
+    pub async fn flush_spans(&self) {
+        let telemetries = self.telemetries.lock().expect("telemetries").clone();
+        tokio::task::spawn_blocking(move || {
+            for telemetry in telemetries {
+                telemetry.flush();
+            }
+        })
+        .await
+        .expect("flush");
     }
 
     pub fn set(&mut self, var: &str, value: impl Into<String>) -> &mut Self {
@@ -211,7 +244,7 @@ impl StackEnv {
         let platform = self.platform();
         let config = AuthConfig::from_env(&self.env, &platform.data_dir).expect("auth config");
         let redis = self.redis(&platform).await;
-        AuthApp::build(&platform, config, redis.as_ref())
+        AuthApp::build(&platform, config, redis.as_ref(), &self.telemetry("auth"))
             .await
             .expect("auth service starts")
     }
@@ -259,9 +292,14 @@ impl StackEnv {
         let platform = self.platform();
         let config = CatalogConfig::from_env(&self.env).expect("catalog config");
         let redis = self.redis(&platform).await;
-        let app = CatalogApp::build(&platform, config, redis.as_ref())
-            .await
-            .expect("catalog service starts");
+        let app = CatalogApp::build(
+            &platform,
+            config,
+            redis.as_ref(),
+            &self.telemetry("catalog"),
+        )
+        .await
+        .expect("catalog service starts");
         let service = app.service.clone();
         let running = serve_on(addr, |listener, shutdown| app.serve(listener, shutdown)).await;
         CatalogReplica { running, service }
@@ -292,9 +330,14 @@ impl StackEnv {
             flashmesh_gateway::config::GatewayConfig::from_env(&self.env, &platform.auth_url)
                 .expect("gateway config");
         let redis = self.redis(&platform).await;
-        let app = flashmesh_gateway::GatewayApp::build(&platform, config, redis.as_ref())
-            .await
-            .expect("gateway starts");
+        let app = flashmesh_gateway::GatewayApp::build(
+            &platform,
+            config,
+            redis.as_ref(),
+            &self.telemetry("gateway"),
+        )
+        .await
+        .expect("gateway starts");
         let gateway = app.gateway();
         let running = serve(|listener, shutdown| app.serve(listener, shutdown)).await;
         GatewayReplica { running, gateway }
@@ -311,9 +354,15 @@ impl StackEnv {
             std::time::Duration::from_secs(3600),
             move |_| Ok(order_token.clone()),
         ));
-        let app = OrderApp::build(&platform, config, redis.as_ref(), token)
-            .await
-            .expect("order service starts");
+        let app = OrderApp::build(
+            &platform,
+            config,
+            redis.as_ref(),
+            token,
+            &self.telemetry("order"),
+        )
+        .await
+        .expect("order service starts");
         let service = app.service.clone();
         let running = serve(|listener, shutdown| app.serve(listener, shutdown)).await;
         OrderReplica { running, service }
@@ -797,4 +846,138 @@ pub fn bad_tokens(env: &StackEnv, valid: &str, user_id: &str) -> Vec<BadToken> {
             reason: "TOKEN_INVALID",
         },
     ]
+}
+
+/// A span as an OTLP collector received it; ids in lowercase hex.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub service: String,
+    pub name: String,
+    pub kind: i32,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent: String,
+    /// (trace id, span id) of each link.
+    pub links: Vec<(String, String)>,
+    pub attributes: std::collections::HashMap<String, String>,
+}
+
+/// An in-process OTLP/gRPC collector: the TraceService from the
+/// OpenTelemetry protos, keeping every span it is sent.
+pub struct OtlpReceiver {
+    addr: SocketAddr,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+#[derive(Clone)]
+struct TraceSink(Arc<Mutex<Vec<ReceivedSpan>>>);
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute_text(value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for TraceSink
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        Status,
+    > {
+        let mut received = Vec::new();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| attribute_text(kv.value.as_ref()))
+                .unwrap_or_default();
+            for span in resource_spans
+                .scope_spans
+                .into_iter()
+                .flat_map(|scope| scope.spans)
+            {
+                received.push(ReceivedSpan {
+                    service: service.clone(),
+                    name: span.name,
+                    kind: span.kind,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent: hex(&span.parent_span_id),
+                    links: span
+                        .links
+                        .iter()
+                        .map(|link| (hex(&link.trace_id), hex(&link.span_id)))
+                        .collect(),
+                    attributes: span
+                        .attributes
+                        .iter()
+                        .map(|kv| (kv.key.clone(), attribute_text(kv.value.as_ref())))
+                        .collect(),
+                });
+            }
+        }
+        self.0.lock().expect("spans").extend(received);
+        Ok(tonic::Response::new(
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
+                partial_success: None,
+            },
+        ))
+    }
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let service = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+            TraceSink(spans.clone()),
+        );
+        let stopped = stop.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async move { stopped.cancelled().await },
+                ),
+        );
+        Self {
+            addr,
+            spans,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().expect("spans").clone()
+    }
 }

@@ -32,13 +32,6 @@ const BACKENDS: &[(&str, &str, u64)] = &[
     ("order", "FLASHMESH_ORDER_ADDR", 50053),
 ];
 const SERVICES: &[&str] = &["auth", "catalog", "order", "gateway"];
-/// Files the compose stack mounts that another change is still writing (the
-/// observability work); every other mounted file must exist.
-const PENDING_MOUNTS: &[&str] = &[
-    "deploy/observability/prometheus.yml",
-    "deploy/observability/alerts.yml",
-    "deploy/observability/grafana-dashboard.json",
-];
 /// Compose services without a health check, and why.
 const NO_HEALTHCHECK: &[(&str, &str)] = &[
     (
@@ -450,12 +443,27 @@ fn network_policies_deny_by_default_and_admit_only_the_ingress_and_each_other() 
             of_kind(&objects, "NetworkPolicy")
                 .filter(|p| selects(&p["spec"]["podSelector"], labels))
                 .flat_map(|p| list(&p["spec"]["ingress"]))
+                .filter(|rule| !is_metrics_scrape(rule))
                 .flat_map(|rule| {
                     assert!(!rule["from"].is_null(), "an ingress rule without `from`");
                     list(&rule["from"]).to_vec()
                 })
                 .collect()
         };
+        // The one exception: Prometheus, from its namespace, to the admin
+        // port only.
+        let scrapes: Vec<&Value> = of_kind(&objects, "NetworkPolicy")
+            .flat_map(|p| list(&p["spec"]["ingress"]))
+            .filter(|rule| is_metrics_scrape(rule))
+            .collect();
+        assert_eq!(scrapes.len(), 1, "{overlay}: one metrics scrape rule");
+        for peer in list(&scrapes[0]["from"]) {
+            assert_eq!(
+                peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+                "monitoring",
+                "{overlay}: metrics scraped by {peer:?}"
+            );
+        }
         let gateway_peers = peers(&pod_labels("gateway"));
         assert!(
             !gateway_peers.is_empty(),
@@ -758,9 +766,7 @@ fn compose_mounts_exist_and_the_environment_covers_every_knob() {
             }
         }
         for file in &files {
-            if !PENDING_MOUNTS.contains(&file.as_str()) {
-                assert!(root.join(file).exists(), "{name} mounts missing {file}");
-            }
+            assert!(root.join(file).exists(), "{name} mounts missing {file}");
         }
         if !is_flashmesh(service) {
             continue;
@@ -1129,4 +1135,13 @@ async fn token_command_renews_the_file_until_terminated() {
         .expect("stops soon after SIGTERM")
         .expect("wait");
     assert!(status.success(), "{status}");
+}
+
+/// An ingress rule admitting only the metrics port (`FLASHMESH_METRICS_ADDR`).
+fn is_metrics_scrape(rule: &Value) -> bool {
+    let ports = rule["ports"]
+        .as_sequence()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    !ports.is_empty() && ports.iter().all(|p| p["port"] == 9464)
 }

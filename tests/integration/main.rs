@@ -10,5 +10,6 @@ mod catalog;
 mod cli;
 mod deploy;
 mod gateway;
+mod observability;
 mod order;
 mod order_faults;

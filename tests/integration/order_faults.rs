@@ -220,6 +220,18 @@ async fn a_stopped_catalog_fails_fast_and_orders_resume_when_it_returns() {
         }
     }
     assert!(fast_failures > 0, "the breaker opened");
+    let metrics = env.metrics.render();
+    assert!(
+        metrics.contains(r#"flashmesh_circuit_breaker_state{breaker="catalog"} 2"#)
+            || metrics.contains(r#"flashmesh_circuit_breaker_state{breaker="catalog"} 1"#),
+        "the breaker's state is reported: {metrics}"
+    );
+    assert!(
+        !metrics.contains(
+            r#"flashmesh_circuit_breaker_transitions_total{breaker="catalog",to="open"} 0"#
+        ),
+        "its opening is counted: {metrics}"
+    );
 
     // The catalog returns on its address; the breaker lets a trial through
     // and orders flow again, the failed key included.
@@ -246,6 +258,11 @@ async fn a_stopped_catalog_fails_fast_and_orders_resume_when_it_returns() {
         }
     };
     assert_eq!(order.state(), pb::OrderState::Confirmed);
+    let metrics = env.metrics.render();
+    assert!(
+        metrics.contains(r#"flashmesh_circuit_breaker_state{breaker="catalog"} 0"#),
+        "the breaker is reported closed again: {metrics}"
+    );
 
     // Nothing was taken by the failed attempts, or it was given back.
     eventually(

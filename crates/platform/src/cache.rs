@@ -17,20 +17,20 @@
 
 use std::{
     future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use moka::{Expiry, future::Cache};
+use prometheus_client::metrics::counter::Counter;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
+    metrics::Metrics,
     pubsub::{Bus, BusError, Delivery},
     redis::{RedisHandle, within},
+    telemetry::{self, Attribute},
 };
 
 /// L2 is an optimisation: when Redis is slow or reconnecting, the loader
@@ -47,6 +47,9 @@ pub struct CacheConfig {
     pub l2_ttl: Duration,
     /// How long "not found" is remembered (L1 only).
     pub negative_ttl: Duration,
+    /// Where lookups are counted: `flashmesh_cache_lookups_total{cache,
+    /// tier, result}`, so hit ratios per tier follow.
+    pub metrics: Metrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +69,39 @@ pub struct CacheStats {
     pub loads: u64,
 }
 
-#[derive(Default)]
+/// Lookups by tier and result, resolved once per cache.
 struct Counters {
-    l1_hits: AtomicU64,
-    l2_hits: AtomicU64,
-    loads: AtomicU64,
+    l1_hits: Counter,
+    l1_misses: Counter,
+    l2_hits: Counter,
+    l2_misses: Counter,
+    /// Loader runs (not exported: L2 misses, or L1 misses without L2).
+    loads: Counter,
+}
+
+impl Counters {
+    fn new(metrics: &Metrics, namespace: &str) -> Self {
+        let family = metrics.counter_family::<3>(
+            "flashmesh_cache_lookups",
+            "Cache lookups by cache, tier (l1, l2) and result (hit, miss)",
+        );
+        let counter = |tier: &str, result: &str| {
+            family
+                .get_or_create(&[
+                    ("cache", namespace.to_owned()),
+                    ("tier", tier.to_owned()),
+                    ("result", result.to_owned()),
+                ])
+                .clone()
+        };
+        Self {
+            l1_hits: counter("l1", "hit"),
+            l1_misses: counter("l1", "miss"),
+            l2_hits: counter("l2", "hit"),
+            l2_misses: counter("l2", "miss"),
+            loads: Counter::default(),
+        }
+    }
 }
 
 struct L2 {
@@ -112,6 +143,7 @@ where
                 .max(1),
         });
         let channel = format!("cache:{}", config.namespace);
+        let counters = Counters::new(&config.metrics, &config.namespace);
         let subscription = bus.subscribe(&channel).await;
         let stop = CancellationToken::new();
         tokio::spawn(apply_invalidations(l1.clone(), subscription, stop.clone()));
@@ -120,7 +152,7 @@ where
             l2,
             bus,
             channel,
-            counters: Counters::default(),
+            counters,
             _listener: stop.drop_guard(),
         }
     }
@@ -135,9 +167,11 @@ where
         E: Send + Sync + 'static,
     {
         if let Some(value) = self.l1.get(key).await {
-            self.counters.l1_hits.fetch_add(1, Ordering::Relaxed);
+            self.counters.l1_hits.inc();
+            self.lookup_event("l1_hit");
             return Ok(value);
         }
+        self.counters.l1_misses.inc();
         // moka runs one `fill` per key at a time; concurrent callers wait for it.
         self.l1.try_get_with_by_ref(key, self.fill(key, load)).await
     }
@@ -148,10 +182,15 @@ where
         Fut: Future<Output = Result<Option<V>, E>>,
     {
         if let Some(value) = self.l2_get(key).await {
-            self.counters.l2_hits.fetch_add(1, Ordering::Relaxed);
+            self.counters.l2_hits.inc();
+            self.lookup_event("l2_hit");
             return Ok(Some(value));
         }
-        self.counters.loads.fetch_add(1, Ordering::Relaxed);
+        if self.l2.is_some() {
+            self.counters.l2_misses.inc();
+        }
+        self.lookup_event("miss");
+        self.counters.loads.inc();
         let value = load().await?;
         if let Some(value) = &value {
             self.l2_set(key, value).await;
@@ -159,13 +198,26 @@ where
         Ok(value)
     }
 
+    /// A `cache.lookup` event on the current span, if it is sampled.
+    fn lookup_event(&self, result: &'static str) {
+        telemetry::event("cache.lookup", || {
+            vec![
+                Attribute::new("cache", self.channel.clone()),
+                Attribute::new("cache.result", result),
+            ]
+        });
+    }
+
     async fn l2_get(&self, key: &str) -> Option<V> {
         let l2 = self.l2.as_ref()?;
-        let read = within(
-            L2_TIMEOUT,
-            redis::cmd("GET")
-                .arg(format!("{}{key}", l2.prefix))
-                .query_async::<Option<Vec<u8>>>(&mut l2.redis.connection()),
+        let read = telemetry::redis(
+            "cache.l2_get",
+            within(
+                L2_TIMEOUT,
+                redis::cmd("GET")
+                    .arg(format!("{}{key}", l2.prefix))
+                    .query_async::<Option<Vec<u8>>>(&mut l2.redis.connection()),
+            ),
         )
         .await;
         let bytes = match read {
@@ -235,9 +287,9 @@ where
 
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            l1_hits: self.counters.l1_hits.load(Ordering::Relaxed),
-            l2_hits: self.counters.l2_hits.load(Ordering::Relaxed),
-            loads: self.counters.loads.load(Ordering::Relaxed),
+            l1_hits: self.counters.l1_hits.get(),
+            l2_hits: self.counters.l2_hits.get(),
+            loads: self.counters.loads.get(),
         }
     }
 }
@@ -317,6 +369,7 @@ mod tests {
             l1_capacity: 10_000,
             l2_ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(1),
+            metrics: Metrics::default(),
         }
     }
 

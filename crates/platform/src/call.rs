@@ -34,8 +34,13 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The caller's `traceparent` if well-formed, else a new sampled trace.
+/// The trace context to record with what this call causes (an outbox
+/// event): the current span's when the call is traced (sampled or not),
+/// else the caller's `traceparent` if well-formed, else a new sampled trace.
 pub fn traceparent<T>(request: &tonic::Request<T>) -> String {
+    if let Some(current) = crate::telemetry::current_traceparent() {
+        return current;
+    }
     request
         .metadata()
         .get("traceparent")

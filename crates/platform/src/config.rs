@@ -4,7 +4,7 @@
 //! error that names the variable, and tests can build configuration from a
 //! plain map instead of mutating the process environment.
 
-use crate::identity::TokenPolicy;
+use crate::{identity::TokenPolicy, telemetry::TelemetryConfig};
 use std::{
     collections::HashMap, fmt::Display, net::SocketAddr, path::PathBuf, str::FromStr,
     time::Duration,
@@ -157,6 +157,10 @@ pub struct PlatformConfig {
     /// `FLASHMESH_DNS_REFRESH`: how often upstream host names are resolved
     /// again, so replicas behind one name are found as they come and go.
     pub dns_refresh: Duration,
+    /// `OTEL_*`: trace export and sampling.
+    pub telemetry: TelemetryConfig,
+    /// `FLASHMESH_METRICS_ADDR`: the admin listener serving `/metrics`.
+    pub metrics_addr: SocketAddr,
 }
 
 /// How a gRPC server treats its requests and its shutdown.
@@ -234,6 +238,8 @@ impl PlatformConfig {
                 .to_owned(),
             page_token_secret: env.raw("FLASHMESH_PAGE_TOKEN_SECRET").map(str::to_owned),
             dns_refresh: env.period_or("FLASHMESH_DNS_REFRESH", Duration::from_secs(5))?,
+            telemetry: TelemetryConfig::from_env(env)?,
+            metrics_addr: crate::metrics::metrics_addr(env)?,
         })
     }
 }

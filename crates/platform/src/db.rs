@@ -15,7 +15,7 @@ use sqlx::{
     migrate::{MigrateError, Migrator},
 };
 
-use crate::config::PlatformConfig;
+use crate::{config::PlatformConfig, metrics::Metrics};
 
 /// Which database a pool talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +147,29 @@ impl Database {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Reports the pool's connections (in use, idle, maximum) as
+    /// `flashmesh_db_pool_connections{schema, state}` at every scrape.
+    pub fn observe(&self, metrics: &Metrics, schema: &'static str) {
+        let family = metrics.gauge_family::<2>(
+            "flashmesh_db_pool_connections",
+            "Database pool connections by state (in_use, idle, max)",
+        );
+        let gauge = |state: &str| {
+            family
+                .get_or_create(&[("schema", schema.to_owned()), ("state", state.to_owned())])
+                .clone()
+        };
+        let (in_use, idle, max) = (gauge("in_use"), gauge("idle"), gauge("max"));
+        let pool = self.pool.clone();
+        metrics.on_scrape(move || {
+            let size = i64::from(pool.size());
+            let idle_now = i64::try_from(pool.num_idle()).unwrap_or(i64::MAX);
+            in_use.set(size - idle_now.min(size));
+            idle.set(idle_now);
+            max.set(i64::from(pool.options().get_max_connections()));
+        });
     }
 }
 

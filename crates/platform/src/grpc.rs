@@ -1,7 +1,8 @@
 //! The gRPC server every service runs: health (NOT_SERVING while draining),
 //! reflection (v1 and v1alpha, so grpcurl needs no proto files), graceful
-//! shutdown, and the tower layers for caller identity, request timeout,
-//! concurrency limit and load shedding.
+//! shutdown, and the tower layers for observation (trace context, server
+//! span, RED metrics), caller identity, request timeout, concurrency limit
+//! and load shedding.
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -26,6 +27,8 @@ use tower::{
 use crate::{
     config::ServerConfig,
     identity::{IdentityLayer, TokenVerifier},
+    observe::ServerObserveLayer,
+    telemetry::Telemetry,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,15 +45,17 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
     verifier: Option<Arc<TokenVerifier>>,
+    telemetry: Telemetry,
 }
 
 impl GrpcServer {
-    pub fn new(config: &ServerConfig) -> Self {
+    pub fn new(config: &ServerConfig, telemetry: &Telemetry) -> Self {
         Self {
             config: config.clone(),
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
             verifier: None,
+            telemetry: telemetry.clone(),
         }
     }
 
@@ -89,6 +94,7 @@ impl GrpcServer {
             mut routes,
             service_names,
             verifier,
+            telemetry,
         } = self;
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -119,7 +125,9 @@ impl GrpcServer {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?);
 
+        let observe = ServerObserveLayer::new(&telemetry, served_rpcs(&service_names));
         let layers = ServiceBuilder::new()
+            .layer(observe)
             .layer(MapErrLayer::new(status_for_layer_error))
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
@@ -170,6 +178,40 @@ impl GrpcServer {
             }
         }
     }
+}
+
+/// Every method of `services` and of the health service, as
+/// (`package.Service/Method`, server streaming), from the descriptors.
+fn served_rpcs(services: &[&'static str]) -> Vec<(String, bool)> {
+    use prost::Message;
+    let sets = [
+        flashmesh_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ];
+    sets.into_iter()
+        .filter_map(|bytes| prost_types::FileDescriptorSet::decode(bytes).ok())
+        .flat_map(|set| set.file)
+        .flat_map(|file| {
+            let package = file.package.unwrap_or_default();
+            file.service.into_iter().map(move |service| {
+                (
+                    format!("{package}.{}", service.name.unwrap_or_default()),
+                    service.method,
+                )
+            })
+        })
+        .filter(|(service, _)| {
+            services.contains(&service.as_str()) || service == "grpc.health.v1.Health"
+        })
+        .flat_map(|(service, methods)| {
+            methods.into_iter().map(move |method| {
+                (
+                    format!("{service}/{}", method.name.unwrap_or_default()),
+                    method.server_streaming.unwrap_or(false),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Errors raised by the layers themselves become statuses here (tonic sends a

@@ -26,6 +26,7 @@ use std::{collections::HashMap, fmt, panic::AssertUnwindSafe, sync::Arc, time::D
 
 use async_trait::async_trait;
 use futures::FutureExt;
+use opentelemetry::{KeyValue, context::FutureExt as _, trace::SpanKind};
 use redis::{
     AsyncConnectionConfig, RedisResult, Value,
     aio::MultiplexedConnection,
@@ -35,7 +36,10 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::redis::{RedisHandle, within};
+use crate::{
+    redis::{RedisHandle, within},
+    telemetry::{self, Telemetry},
+};
 
 /// How long a quick command (ack, claim, dead-letter) may take before Redis
 /// counts as unreachable.
@@ -273,6 +277,59 @@ pub async fn process(
     }
 }
 
+/// Handles each event in a consumer span *linked* to the request that
+/// caused it (its `traceparent`), in a trace of its own; kept when that
+/// request was sampled.
+pub struct TracedHandler {
+    inner: Arc<dyn EventHandler>,
+    telemetry: Telemetry,
+    group: &'static str,
+}
+
+impl TracedHandler {
+    /// `inner` as consumer group `group` of `telemetry`'s service.
+    pub fn wrap(
+        inner: Arc<dyn EventHandler>,
+        telemetry: &Telemetry,
+        group: &'static str,
+    ) -> Arc<dyn EventHandler> {
+        if !telemetry.tracing() {
+            return inner;
+        }
+        Arc::new(Self {
+            inner,
+            telemetry: telemetry.clone(),
+            group,
+        })
+    }
+}
+
+#[async_trait]
+impl EventHandler for TracedHandler {
+    async fn handle(
+        &self,
+        event: &StreamEvent,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let cause = telemetry::parse_traceparent(&event.traceparent, None);
+        let span = self
+            .telemetry
+            .start_linked(cause, self.group, SpanKind::Consumer, || {
+                vec![
+                    KeyValue::new("messaging.operation.type", "process"),
+                    KeyValue::new("messaging.consumer.group.name", self.group),
+                    KeyValue::new("messaging.message.id", event.event_id.clone()),
+                    KeyValue::new("messaging.message.kind", event.kind.clone()),
+                ]
+            });
+        let Some(cx) = span else {
+            return self.inner.handle(event).await;
+        };
+        let result = self.inner.handle(event).with_context(cx.clone()).await;
+        telemetry::end(&cx, result.as_ref().err().map(|e| e as &dyn fmt::Display));
+        result
+    }
+}
+
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     if let Some(message) = panic.downcast_ref::<&str>() {
         message
@@ -374,6 +431,17 @@ impl EventStream {
                 .arg(group)
                 .arg(entry_ids)
                 .query_async::<()>(&mut self.redis.connection()),
+        )
+        .await
+    }
+
+    /// Entries in the dead-letter stream.
+    pub async fn dead_letter_len(&self) -> RedisResult<u64> {
+        within(
+            COMMAND_TIMEOUT,
+            redis::cmd("XLEN")
+                .arg(&self.dead_letter_key)
+                .query_async(&mut self.redis.connection()),
         )
         .await
     }

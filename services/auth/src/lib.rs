@@ -23,6 +23,7 @@ use flashmesh_platform::{
     identity::TokenVerifier,
     limits::window_counter,
     redis::RedisHandle,
+    telemetry::Telemetry,
 };
 use flashmesh_proto::auth::v1::auth_service_server::AuthServiceServer;
 use sqlx::migrate::Migrator;
@@ -61,6 +62,7 @@ pub struct AuthApp {
     keys: Arc<SigningKeys>,
     platform: PlatformConfig,
     db: Database,
+    telemetry: Telemetry,
 }
 
 impl AuthApp {
@@ -69,9 +71,11 @@ impl AuthApp {
         platform: &PlatformConfig,
         config: AuthConfig,
         redis: Option<&RedisHandle>,
+        telemetry: &Telemetry,
     ) -> Result<Self, StartError> {
         let db = Database::connect(platform, SCHEMA).await?;
         db.migrate(&MIGRATOR).await?;
+        db.observe(telemetry.metrics(), SCHEMA);
         let keys = Arc::new(SigningKeys::load(&config.keys)?);
         let service = AuthService::new(
             UserStore::new(db.pool().clone()),
@@ -87,6 +91,7 @@ impl AuthApp {
             keys,
             platform: platform.clone(),
             db,
+            telemetry: telemetry.clone(),
         })
     }
 
@@ -98,7 +103,7 @@ impl AuthApp {
     ) -> Result<(), ServeError> {
         // The auth service verifies its own tokens with the keys it holds.
         let verifier = TokenVerifier::new(self.keys.clone(), self.platform.tokens.clone());
-        let served = GrpcServer::new(&self.platform.server)
+        let served = GrpcServer::new(&self.platform.server, &self.telemetry)
             .with_identity(Arc::new(verifier))
             .add_service(AuthServiceServer::new(AuthGrpc::new(self.service)))
             .serve(listener, shutdown)

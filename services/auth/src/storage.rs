@@ -1,7 +1,7 @@
 //! sqlx repositories for users and refresh tokens, in SQL that PostgreSQL and
 //! SQLite share.
 
-use flashmesh_platform::identity::Role;
+use flashmesh_platform::{identity::Role, telemetry};
 use sqlx::{AnyPool, FromRow};
 
 use crate::domain::{StoredRefreshToken, User, parse_role, role_name};
@@ -47,27 +47,36 @@ impl UserStore {
 
     /// Inserts `user`; `false` when the email is taken (also under a race).
     pub async fn insert(&self, user: &User) -> Result<bool, sqlx::Error> {
-        let inserted = sqlx::query(
-            "INSERT INTO users (id, email, display_name, role, password_hash, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (email) DO NOTHING",
-        )
-        .bind(&user.id)
-        .bind(&user.email)
-        .bind(&user.display_name)
-        .bind(role_name(user.role))
-        .bind(&user.password_hash)
-        .bind(user.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(inserted.rows_affected() == 1)
+        telemetry::db("auth.users.insert", async {
+            let inserted = sqlx::query(
+                "INSERT INTO users (id, email, display_name, role, password_hash, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (email) DO NOTHING",
+            )
+            .bind(&user.id)
+            .bind(&user.email)
+            .bind(&user.display_name)
+            .bind(role_name(user.role))
+            .bind(&user.password_hash)
+            .bind(user.created_at)
+            .execute(&self.pool)
+            .await?;
+            Ok(inserted.rows_affected() == 1)
+        })
+        .await
     }
 
     pub async fn find_by_email(&self, email: &str) -> Result<Option<User>, sqlx::Error> {
-        self.find_one("email", email).await
+        telemetry::db("auth.users.find_by_email", async {
+            self.find_one("email", email).await
+        })
+        .await
     }
 
     pub async fn find_by_id(&self, id: &str) -> Result<Option<User>, sqlx::Error> {
-        self.find_one("id", id).await
+        telemetry::db("auth.users.find_by_id", async {
+            self.find_one("id", id).await
+        })
+        .await
     }
 
     async fn find_one(
@@ -86,13 +95,16 @@ impl UserStore {
     }
 
     pub async fn set_role(&self, id: &str, role: Role, now: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
-            .bind(role_name(role))
-            .bind(now)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        telemetry::db("auth.users.set_role", async {
+            sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
+                .bind(role_name(role))
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -142,29 +154,35 @@ impl RefreshTokenStore {
     }
 
     pub async fn insert(&self, token: &NewRefreshToken) -> Result<(), sqlx::Error> {
-        insert_refresh_token(token).execute(&self.pool).await?;
-        Ok(())
+        telemetry::db("auth.refresh_tokens.insert", async {
+            insert_refresh_token(token).execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn find_by_hash(
         &self,
         hash: &str,
     ) -> Result<Option<StoredRefreshToken>, sqlx::Error> {
-        let row = sqlx::query_as::<_, RefreshTokenRow>(
-            "SELECT id, family_id, user_id, expires_at, spent_at, revoked_at \
-             FROM refresh_tokens WHERE token_hash = $1",
-        )
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|row| StoredRefreshToken {
-            id: row.id,
-            family_id: row.family_id,
-            user_id: row.user_id,
-            expires_at: row.expires_at,
-            spent_at: row.spent_at,
-            revoked_at: row.revoked_at,
-        }))
+        telemetry::db("auth.refresh_tokens.find_by_hash", async {
+            let row = sqlx::query_as::<_, RefreshTokenRow>(
+                "SELECT id, family_id, user_id, expires_at, spent_at, revoked_at \
+                 FROM refresh_tokens WHERE token_hash = $1",
+            )
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.map(|row| StoredRefreshToken {
+                id: row.id,
+                family_id: row.family_id,
+                user_id: row.user_id,
+                expires_at: row.expires_at,
+                spent_at: row.spent_at,
+                revoked_at: row.revoked_at,
+            }))
+        })
+        .await
     }
 
     /// Spends `spent_id` and stores its successor in one transaction. `false`
@@ -176,33 +194,39 @@ impl RefreshTokenStore {
         now: i64,
         successor: &NewRefreshToken,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let spent = sqlx::query(
-            "UPDATE refresh_tokens SET spent_at = $1 \
-             WHERE id = $2 AND spent_at IS NULL AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(spent_id)
-        .execute(&mut *tx)
-        .await?;
-        if spent.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        insert_refresh_token(successor).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(true)
+        telemetry::db("auth.refresh_tokens.rotate", async {
+            let mut tx = self.pool.begin().await?;
+            let spent = sqlx::query(
+                "UPDATE refresh_tokens SET spent_at = $1 \
+                 WHERE id = $2 AND spent_at IS NULL AND revoked_at IS NULL",
+            )
+            .bind(now)
+            .bind(spent_id)
+            .execute(&mut *tx)
+            .await?;
+            if spent.rows_affected() != 1 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            insert_refresh_token(successor).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Revokes every token of a family; idempotent.
     pub async fn revoke_family(&self, family_id: &str, now: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(family_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        telemetry::db("auth.refresh_tokens.revoke_family", async {
+            sqlx::query(
+                "UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL",
+            )
+            .bind(now)
+            .bind(family_id)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 }

@@ -11,7 +11,12 @@
 
 use std::time::Duration;
 
-use flashmesh_platform::redis::RedisHandle;
+use flashmesh_platform::{
+    metrics::Metrics,
+    redis::RedisHandle,
+    telemetry::{self, Attribute},
+};
+use prometheus_client::metrics::counter::Counter;
 use redis::{RedisError, Script};
 
 /// What the gate says about one request.
@@ -68,16 +73,52 @@ pub struct StockGate {
     admit: std::sync::Arc<Script>,
     give_back: std::sync::Arc<Script>,
     seed: std::sync::Arc<Script>,
+    decisions: Decisions,
+}
+
+/// `flashmesh_stock_gate_decisions_total{decision}`, resolved once.
+#[derive(Clone)]
+struct Decisions {
+    admitted: Counter,
+    sold_out: Counter,
+    limit_exceeded: Counter,
+    unseeded: Counter,
+}
+
+impl GateDecision {
+    fn name(self) -> &'static str {
+        match self {
+            GateDecision::Admitted => "admitted",
+            GateDecision::SoldOut { .. } => "sold_out",
+            GateDecision::LimitExceeded { .. } => "limit_exceeded",
+            GateDecision::Unseeded => "unseeded",
+        }
+    }
 }
 
 impl StockGate {
-    pub fn new(redis: RedisHandle, ttl: Duration) -> Self {
+    pub fn new(redis: RedisHandle, ttl: Duration, metrics: &Metrics) -> Self {
+        let family = metrics.counter_family::<1>(
+            "flashmesh_stock_gate_decisions",
+            "Stock gate answers: admitted, sold_out, limit_exceeded, unseeded",
+        );
+        let counter = |decision: &str| {
+            family
+                .get_or_create(&[("decision", decision.to_owned())])
+                .clone()
+        };
         Self {
             redis,
             ttl,
             admit: Script::new(ADMIT).into(),
             give_back: Script::new(GIVE_BACK).into(),
             seed: Script::new(SEED).into(),
+            decisions: Decisions {
+                admitted: counter("admitted"),
+                sold_out: counter("sold_out"),
+                limit_exceeded: counter("limit_exceeded"),
+                unseeded: counter("unseeded"),
+            },
         }
     }
 
@@ -98,22 +139,38 @@ impl StockGate {
         per_user_limit: i32,
     ) -> Result<GateDecision, RedisError> {
         let [remaining_key, held_key] = self.keys(deal_id);
-        let (verdict, value): (i64, i64) = self
-            .admit
-            .key(remaining_key)
-            .key(held_key)
-            .arg(user_id)
-            .arg(quantity)
-            .arg(per_user_limit)
-            .invoke_async(&mut self.redis.connection())
-            .await?;
+        let (verdict, value): (i64, i64) = telemetry::redis(
+            "stock_gate.admit",
+            self.admit
+                .key(remaining_key)
+                .key(held_key)
+                .arg(user_id)
+                .arg(quantity)
+                .arg(per_user_limit)
+                .invoke_async(&mut self.redis.connection()),
+        )
+        .await?;
         let value = i32::try_from(value).unwrap_or(i32::MAX);
-        Ok(match verdict {
+        let decision = match verdict {
             0 => GateDecision::Admitted,
             1 => GateDecision::SoldOut { remaining: value },
             2 => GateDecision::LimitExceeded { held: value },
             _ => GateDecision::Unseeded,
-        })
+        };
+        match decision {
+            GateDecision::Admitted => &self.decisions.admitted,
+            GateDecision::SoldOut { .. } => &self.decisions.sold_out,
+            GateDecision::LimitExceeded { .. } => &self.decisions.limit_exceeded,
+            GateDecision::Unseeded => &self.decisions.unseeded,
+        }
+        .inc();
+        telemetry::event("stock_gate.decision", || {
+            vec![
+                Attribute::new("stock_gate.decision", decision.name()),
+                Attribute::new("deal.id", deal_id.to_owned()),
+            ]
+        });
+        Ok(decision)
     }
 
     /// Returns units the gate admitted but the database did not take, or that
@@ -126,13 +183,16 @@ impl StockGate {
         quantity: i32,
     ) -> Result<(), RedisError> {
         let [remaining_key, held_key] = self.keys(deal_id);
-        self.give_back
-            .key(remaining_key)
-            .key(held_key)
-            .arg(user_id)
-            .arg(quantity)
-            .invoke_async::<i64>(&mut self.redis.connection())
-            .await?;
+        telemetry::redis(
+            "stock_gate.give_back",
+            self.give_back
+                .key(remaining_key)
+                .key(held_key)
+                .arg(user_id)
+                .arg(quantity)
+                .invoke_async::<i64>(&mut self.redis.connection()),
+        )
+        .await?;
         Ok(())
     }
 

@@ -28,6 +28,7 @@ use flashmesh_platform::{
     paging::{PageSecretError, PageTokens},
     pubsub::bus,
     redis::RedisHandle,
+    telemetry::Telemetry,
 };
 use flashmesh_proto::catalog::v1::catalog_service_server::CatalogServiceServer;
 use sqlx::migrate::Migrator;
@@ -66,10 +67,12 @@ pub struct CatalogApp {
     verifier: Arc<TokenVerifier>,
     platform: PlatformConfig,
     db: Database,
+    telemetry: Telemetry,
 }
 
-fn cache_config(namespace: &str, config: &CatalogConfig) -> CacheConfig {
+fn cache_config(namespace: &str, config: &CatalogConfig, telemetry: &Telemetry) -> CacheConfig {
     CacheConfig {
+        metrics: telemetry.metrics().clone(),
         namespace: namespace.to_owned(),
         l1_ttl: config.cache_l1_ttl,
         l1_capacity: 100_000,
@@ -84,21 +87,27 @@ impl CatalogApp {
         platform: &PlatformConfig,
         config: CatalogConfig,
         redis: Option<&RedisHandle>,
+        telemetry: &Telemetry,
     ) -> Result<Self, StartError> {
         let db = Database::connect(platform, SCHEMA).await?;
+        db.observe(telemetry.metrics(), SCHEMA);
         db.migrate(&MIGRATOR).await?;
         let bus = bus(redis);
         let caches = ReadCaches {
             products: TieredCache::new(
-                cache_config("catalog:product", &config),
+                cache_config("catalog:product", &config, telemetry),
                 redis,
                 bus.clone(),
             )
             .await,
-            deals: TieredCache::new(cache_config("catalog:deal", &config), redis, bus.clone())
-                .await,
+            deals: TieredCache::new(
+                cache_config("catalog:deal", &config, telemetry),
+                redis,
+                bus.clone(),
+            )
+            .await,
             deal_pages: TieredCache::new(
-                cache_config("catalog:deal-page", &config),
+                cache_config("catalog:deal-page", &config, telemetry),
                 redis,
                 bus.clone(),
             )
@@ -107,7 +116,9 @@ impl CatalogApp {
         let service = CatalogService::new(
             Arc::new(CatalogStore::new(db.pool().clone())),
             caches,
-            redis.map(|redis| StockGate::new(redis.clone(), config.stock_gate_ttl)),
+            redis.map(|redis| {
+                StockGate::new(redis.clone(), config.stock_gate_ttl, telemetry.metrics())
+            }),
             DealFeed::new(bus).await,
             PageTokens::configured(platform.page_token_secret.as_deref(), &platform.data_dir)?,
             config.clone(),
@@ -122,6 +133,7 @@ impl CatalogApp {
             verifier: Arc::new(verifier),
             platform: platform.clone(),
             db,
+            telemetry: telemetry.clone(),
         })
     }
 
@@ -138,7 +150,7 @@ impl CatalogApp {
             self.config.warm_interval,
             shutdown.clone(),
         ));
-        let served = GrpcServer::new(&self.platform.server)
+        let served = GrpcServer::new(&self.platform.server, &self.telemetry)
             .with_identity(self.verifier)
             .add_service(CatalogServiceServer::new(CatalogGrpc::new(self.service)))
             .serve(listener, shutdown)

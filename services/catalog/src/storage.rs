@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use flashmesh_platform::telemetry;
 use sqlx::{AnyPool, FromRow};
 
 use crate::{
@@ -194,40 +195,46 @@ impl CatalogStore {
         product: &NewProduct,
         now: i64,
     ) -> Result<Product, CatalogError> {
-        self.counts.wrote();
-        sqlx::query(
-            "INSERT INTO products (id, name, description, image_url, price_cents, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6)",
-        )
-        .bind(id)
-        .bind(&product.name)
-        .bind(&product.description)
-        .bind(product.image_url.as_deref())
-        .bind(product.price_cents)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(Product {
-            id: id.to_owned(),
-            name: product.name.clone(),
-            description: product.description.clone(),
-            image_url: product.image_url.clone(),
-            price_cents: product.price_cents,
-            created_at: now,
-            updated_at: now,
+        telemetry::db("catalog.insert_product", async {
+            self.counts.wrote();
+            sqlx::query(
+                "INSERT INTO products (id, name, description, image_url, price_cents, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $6)",
+            )
+            .bind(id)
+            .bind(&product.name)
+            .bind(&product.description)
+            .bind(product.image_url.as_deref())
+            .bind(product.price_cents)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+            Ok(Product {
+                id: id.to_owned(),
+                name: product.name.clone(),
+                description: product.description.clone(),
+                image_url: product.image_url.clone(),
+                price_cents: product.price_cents,
+                created_at: now,
+                updated_at: now,
+            })
         })
+        .await
     }
 
     pub async fn product(&self, id: &str) -> Result<Option<Product>, CatalogError> {
-        self.counts.read();
-        Ok(sqlx::query_as::<_, ProductRow>(
-            "SELECT id, name, description, image_url, price_cents, created_at, updated_at \
-             FROM products WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(Product::from))
+        telemetry::db("catalog.product", async {
+            self.counts.read();
+            Ok(sqlx::query_as::<_, ProductRow>(
+                "SELECT id, name, description, image_url, price_cents, created_at, updated_at \
+                 FROM products WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(Product::from))
+        })
+        .await
     }
 
     /// Products in id order (UUIDv7: creation order) after `after`.
@@ -236,35 +243,41 @@ impl CatalogStore {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<Product>, CatalogError> {
-        self.counts.read();
-        Ok(sqlx::query_as::<_, ProductRow>(
-            "SELECT id, name, description, image_url, price_cents, created_at, updated_at \
-             FROM products WHERE id > $1 ORDER BY id LIMIT $2",
-        )
-        .bind(after.unwrap_or_default())
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(Product::from)
-        .collect())
+        telemetry::db("catalog.products", async {
+            self.counts.read();
+            Ok(sqlx::query_as::<_, ProductRow>(
+                "SELECT id, name, description, image_url, price_cents, created_at, updated_at \
+                 FROM products WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(after.unwrap_or_default())
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(Product::from)
+            .collect())
+        })
+        .await
     }
 
     pub async fn update_product(&self, product: &Product) -> Result<(), CatalogError> {
-        self.counts.wrote();
-        sqlx::query(
-            "UPDATE products SET name = $1, description = $2, image_url = $3, price_cents = $4, \
-             updated_at = $5 WHERE id = $6",
-        )
-        .bind(&product.name)
-        .bind(&product.description)
-        .bind(product.image_url.as_deref())
-        .bind(product.price_cents)
-        .bind(product.updated_at)
-        .bind(&product.id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        telemetry::db("catalog.update_product", async {
+            self.counts.wrote();
+            sqlx::query(
+                "UPDATE products SET name = $1, description = $2, image_url = $3, price_cents = $4, \
+                 updated_at = $5 WHERE id = $6",
+            )
+            .bind(&product.name)
+            .bind(&product.description)
+            .bind(product.image_url.as_deref())
+            .bind(product.price_cents)
+            .bind(product.updated_at)
+            .bind(&product.id)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn insert_deal(
@@ -273,34 +286,40 @@ impl CatalogStore {
         deal: &NewDeal,
         now: i64,
     ) -> Result<(), CatalogError> {
-        self.counts.wrote();
-        sqlx::query(
-            "INSERT INTO deals (id, product_id, price_cents, stock, remaining_stock, per_user_limit, \
-             starts_at, ends_at, version, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $4, $5, $6, $7, 1, $8, $8)",
-        )
-        .bind(id)
-        .bind(&deal.product_id)
-        .bind(deal.price_cents)
-        .bind(i64::from(deal.stock))
-        .bind(i64::from(deal.per_user_limit))
-        .bind(deal.starts_at)
-        .bind(deal.ends_at)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        telemetry::db("catalog.insert_deal", async {
+            self.counts.wrote();
+            sqlx::query(
+                "INSERT INTO deals (id, product_id, price_cents, stock, remaining_stock, per_user_limit, \
+                 starts_at, ends_at, version, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $4, $5, $6, $7, 1, $8, $8)",
+            )
+            .bind(id)
+            .bind(&deal.product_id)
+            .bind(deal.price_cents)
+            .bind(i64::from(deal.stock))
+            .bind(i64::from(deal.per_user_limit))
+            .bind(deal.starts_at)
+            .bind(deal.ends_at)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn deal(&self, id: &str) -> Result<Option<Deal>, CatalogError> {
-        self.counts.read();
-        Ok(
-            sqlx::query_as::<_, DealRow>(&format!("{DEAL_SELECT} WHERE d.id = $1"))
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?
-                .map(Deal::from),
-        )
+        telemetry::db("catalog.deal", async {
+            self.counts.read();
+            Ok(
+                sqlx::query_as::<_, DealRow>(&format!("{DEAL_SELECT} WHERE d.id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(Deal::from),
+            )
+        })
+        .await
     }
 
     /// Deals in any of `states` at `now`, soonest start first, after `after`.
@@ -312,74 +331,83 @@ impl CatalogStore {
         limit: i64,
         now: i64,
     ) -> Result<Vec<Deal>, CatalogError> {
-        // $1 = now; each state is a condition on the window and stock.
-        let state_filter = states
-            .iter()
-            .map(|state| match state {
-                DealState::Scheduled => "d.starts_at > $1",
-                DealState::Active => {
-                    "(d.starts_at <= $1 AND d.ends_at > $1 AND d.remaining_stock > 0)"
-                }
-                DealState::SoldOut => {
-                    "(d.starts_at <= $1 AND d.ends_at > $1 AND d.remaining_stock = 0)"
-                }
-                DealState::Ended => "d.ends_at <= $1",
-            })
-            .collect::<Vec<_>>()
-            .join(" OR ");
-        let sql = format!(
-            "{DEAL_SELECT} WHERE ({state_filter}) AND ($2 = '' OR d.product_id = $2) \
-             AND (d.starts_at > $3 OR (d.starts_at = $3 AND d.id > $4)) \
-             ORDER BY d.starts_at, d.id LIMIT $5"
-        );
-        self.counts.read();
-        Ok(sqlx::query_as::<_, DealRow>(&sql)
-            .bind(now)
-            .bind(product_id.unwrap_or_default())
-            .bind(after.map_or(i64::MIN, |c| c.starts_at))
-            .bind(after.map_or("", |c| c.id.as_str()))
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(Deal::from)
-            .collect())
+        telemetry::db("catalog.deals", async {
+            // $1 = now; each state is a condition on the window and stock.
+            let state_filter = states
+                .iter()
+                .map(|state| match state {
+                    DealState::Scheduled => "d.starts_at > $1",
+                    DealState::Active => {
+                        "(d.starts_at <= $1 AND d.ends_at > $1 AND d.remaining_stock > 0)"
+                    }
+                    DealState::SoldOut => {
+                        "(d.starts_at <= $1 AND d.ends_at > $1 AND d.remaining_stock = 0)"
+                    }
+                    DealState::Ended => "d.ends_at <= $1",
+                })
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            let sql = format!(
+                "{DEAL_SELECT} WHERE ({state_filter}) AND ($2 = '' OR d.product_id = $2) \
+                 AND (d.starts_at > $3 OR (d.starts_at = $3 AND d.id > $4)) \
+                 ORDER BY d.starts_at, d.id LIMIT $5"
+            );
+            self.counts.read();
+            Ok(sqlx::query_as::<_, DealRow>(&sql)
+                .bind(now)
+                .bind(product_id.unwrap_or_default())
+                .bind(after.map_or(i64::MIN, |c| c.starts_at))
+                .bind(after.map_or("", |c| c.id.as_str()))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .map(Deal::from)
+                .collect())
+        })
+        .await
     }
 
     pub async fn reservation(&self, id: &str) -> Result<Option<Reservation>, CatalogError> {
-        self.counts.read();
-        Ok(sqlx::query_as::<_, ReservationRow>(
-            "SELECT id, deal_id, user_id, quantity, unit_price_cents, remaining_after, reserved_at, \
-             released_at FROM reservations WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(Reservation::from))
+        telemetry::db("catalog.reservation", async {
+            self.counts.read();
+            Ok(sqlx::query_as::<_, ReservationRow>(
+                "SELECT id, deal_id, user_id, quantity, unit_price_cents, remaining_after, reserved_at, \
+                 released_at FROM reservations WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(Reservation::from))
+        })
+        .await
     }
 
     /// Units each user holds for a deal, for seeding the stock gate.
     pub async fn holdings(&self, deal_id: &str) -> Result<(i32, Vec<(String, i32)>), CatalogError> {
-        self.counts.read();
-        let remaining: Option<(i64,)> =
-            sqlx::query_as("SELECT remaining_stock FROM deals WHERE id = $1")
-                .bind(deal_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let remaining = remaining.ok_or(CatalogError::DealNotFound)?.0;
-        self.counts.read();
-        let held: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT user_id, held FROM deal_holdings WHERE deal_id = $1 AND held > 0",
-        )
-        .bind(deal_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok((
-            narrow(remaining),
-            held.into_iter()
-                .map(|(user, held)| (user, narrow(held)))
-                .collect(),
-        ))
+        telemetry::db("catalog.holdings", async {
+            self.counts.read();
+            let remaining: Option<(i64,)> =
+                sqlx::query_as("SELECT remaining_stock FROM deals WHERE id = $1")
+                    .bind(deal_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            let remaining = remaining.ok_or(CatalogError::DealNotFound)?.0;
+            self.counts.read();
+            let held: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT user_id, held FROM deal_holdings WHERE deal_id = $1 AND held > 0",
+            )
+            .bind(deal_id)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok((
+                narrow(remaining),
+                held.into_iter()
+                    .map(|(user, held)| (user, narrow(held)))
+                    .collect(),
+            ))
+        })
+        .await
     }
 
     /// Takes the stock in one transaction, claiming the reservation id first
@@ -391,82 +419,85 @@ impl CatalogStore {
         request: &ReserveRequest,
         now: i64,
     ) -> Result<Option<(Reservation, i64)>, CatalogError> {
-        let mut tx = self.pool.begin().await?;
-        self.counts.wrote();
-        let claimed = sqlx::query(
-            "INSERT INTO reservations (id, deal_id, user_id, quantity, unit_price_cents, \
-             remaining_after, reserved_at) VALUES ($1, $2, $3, $4, 0, 0, $5) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&request.reservation_id)
-        .bind(&request.deal_id)
-        .bind(&request.user_id)
-        .bind(i64::from(request.quantity))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if claimed.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(None);
-        }
+        telemetry::db("catalog.reserve", async {
+            let mut tx = self.pool.begin().await?;
+            self.counts.wrote();
+            let claimed = sqlx::query(
+                "INSERT INTO reservations (id, deal_id, user_id, quantity, unit_price_cents, \
+                 remaining_after, reserved_at) VALUES ($1, $2, $3, $4, 0, 0, $5) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&request.reservation_id)
+            .bind(&request.deal_id)
+            .bind(&request.user_id)
+            .bind(i64::from(request.quantity))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if claimed.rows_affected() == 0 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
 
-        self.counts.wrote();
-        let taken: Option<(i64, i64, i64, i64)> = sqlx::query_as(
-            "UPDATE deals SET remaining_stock = remaining_stock - $1, version = version + 1, \
-             updated_at = $2 WHERE id = $3 AND remaining_stock >= $1 AND starts_at <= $2 \
-             AND ends_at > $2 RETURNING remaining_stock, price_cents, per_user_limit, version",
-        )
-        .bind(i64::from(request.quantity))
-        .bind(now)
-        .bind(&request.deal_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((remaining, price_cents, limit, version)) = taken else {
-            tx.rollback().await?;
-            return Err(self.why_not_taken(&request.deal_id, now).await?);
-        };
+            self.counts.wrote();
+            let taken: Option<(i64, i64, i64, i64)> = sqlx::query_as(
+                "UPDATE deals SET remaining_stock = remaining_stock - $1, version = version + 1, \
+                 updated_at = $2 WHERE id = $3 AND remaining_stock >= $1 AND starts_at <= $2 \
+                 AND ends_at > $2 RETURNING remaining_stock, price_cents, per_user_limit, version",
+            )
+            .bind(i64::from(request.quantity))
+            .bind(now)
+            .bind(&request.deal_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((remaining, price_cents, limit, version)) = taken else {
+                tx.rollback().await?;
+                return Err(self.why_not_taken(&request.deal_id, now).await?);
+            };
 
-        self.counts.wrote();
-        let held: Option<(i64,)> = sqlx::query_as(
-            "INSERT INTO deal_holdings (deal_id, user_id, held) VALUES ($1, $2, $3) \
-             ON CONFLICT (deal_id, user_id) DO UPDATE SET held = deal_holdings.held + excluded.held \
-             WHERE deal_holdings.held + excluded.held <= $4 RETURNING held",
-        )
-        .bind(&request.deal_id)
-        .bind(&request.user_id)
-        .bind(i64::from(request.quantity))
-        .bind(limit)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if held.is_none() || i64::from(request.quantity) > limit {
-            tx.rollback().await?;
-            return Err(CatalogError::LimitExceeded {
-                limit: narrow(limit),
-                held: self.held(&request.deal_id, &request.user_id).await?,
-            });
-        }
+            self.counts.wrote();
+            let held: Option<(i64,)> = sqlx::query_as(
+                "INSERT INTO deal_holdings (deal_id, user_id, held) VALUES ($1, $2, $3) \
+                 ON CONFLICT (deal_id, user_id) DO UPDATE SET held = deal_holdings.held + excluded.held \
+                 WHERE deal_holdings.held + excluded.held <= $4 RETURNING held",
+            )
+            .bind(&request.deal_id)
+            .bind(&request.user_id)
+            .bind(i64::from(request.quantity))
+            .bind(limit)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if held.is_none() || i64::from(request.quantity) > limit {
+                tx.rollback().await?;
+                return Err(CatalogError::LimitExceeded {
+                    limit: narrow(limit),
+                    held: self.held(&request.deal_id, &request.user_id).await?,
+                });
+            }
 
-        self.counts.wrote();
-        sqlx::query(
-            "UPDATE reservations SET unit_price_cents = $1, remaining_after = $2 WHERE id = $3",
-        )
-        .bind(price_cents)
-        .bind(remaining)
-        .bind(&request.reservation_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let reservation = Reservation {
-            id: request.reservation_id.clone(),
-            deal_id: request.deal_id.clone(),
-            user_id: request.user_id.clone(),
-            quantity: request.quantity,
-            unit_price_cents: price_cents,
-            remaining_after: narrow(remaining),
-            reserved_at: now,
-            released_at: None,
-        };
-        Ok(Some((reservation, version)))
+            self.counts.wrote();
+            sqlx::query(
+                "UPDATE reservations SET unit_price_cents = $1, remaining_after = $2 WHERE id = $3",
+            )
+            .bind(price_cents)
+            .bind(remaining)
+            .bind(&request.reservation_id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            let reservation = Reservation {
+                id: request.reservation_id.clone(),
+                deal_id: request.deal_id.clone(),
+                user_id: request.user_id.clone(),
+                quantity: request.quantity,
+                unit_price_cents: price_cents,
+                remaining_after: narrow(remaining),
+                reserved_at: now,
+                released_at: None,
+            };
+            Ok(Some((reservation, version)))
+        })
+        .await
     }
 
     async fn why_not_taken(&self, deal_id: &str, now: i64) -> Result<CatalogError, CatalogError> {
@@ -494,79 +525,82 @@ impl CatalogStore {
 
     /// Gives a reservation's units back exactly once.
     pub async fn release(&self, reservation_id: &str, now: i64) -> Result<Released, CatalogError> {
-        // Two rounds at most: a tombstone insert can lose to a reservation
-        // committed in between, which the second round then releases.
-        for _ in 0..2 {
-            let mut tx = self.pool.begin().await?;
-            self.counts.wrote();
-            let row = sqlx::query_as::<_, ReservationRow>(
-                "UPDATE reservations SET released_at = $1 WHERE id = $2 AND released_at IS NULL \
-                 RETURNING id, deal_id, user_id, quantity, unit_price_cents, remaining_after, \
-                 reserved_at, released_at",
-            )
-            .bind(now)
-            .bind(reservation_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = row {
-                let reservation = Reservation::from(row);
+        telemetry::db("catalog.release", async {
+            // Two rounds at most: a tombstone insert can lose to a reservation
+            // committed in between, which the second round then releases.
+            for _ in 0..2 {
+                let mut tx = self.pool.begin().await?;
                 self.counts.wrote();
-                let (remaining, version): (i64, i64) = sqlx::query_as(
-                    "UPDATE deals SET remaining_stock = remaining_stock + $1, version = version + 1, \
-                     updated_at = $2 WHERE id = $3 RETURNING remaining_stock, version",
+                let row = sqlx::query_as::<_, ReservationRow>(
+                    "UPDATE reservations SET released_at = $1 WHERE id = $2 AND released_at IS NULL \
+                     RETURNING id, deal_id, user_id, quantity, unit_price_cents, remaining_after, \
+                     reserved_at, released_at",
                 )
-                .bind(i64::from(reservation.quantity))
                 .bind(now)
-                .bind(&reservation.deal_id)
-                .fetch_one(&mut *tx)
+                .bind(reservation_id)
+                .fetch_optional(&mut *tx)
                 .await?;
-                self.counts.wrote();
-                sqlx::query(
-                    "UPDATE deal_holdings SET held = held - $1 WHERE deal_id = $2 AND user_id = $3",
-                )
-                .bind(i64::from(reservation.quantity))
-                .bind(&reservation.deal_id)
-                .bind(&reservation.user_id)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                return Ok(Released::Now {
-                    reservation,
-                    remaining: narrow(remaining),
-                    version,
-                });
-            }
-            tx.rollback().await?;
+                if let Some(row) = row {
+                    let reservation = Reservation::from(row);
+                    self.counts.wrote();
+                    let (remaining, version): (i64, i64) = sqlx::query_as(
+                        "UPDATE deals SET remaining_stock = remaining_stock + $1, version = version + 1, \
+                         updated_at = $2 WHERE id = $3 RETURNING remaining_stock, version",
+                    )
+                    .bind(i64::from(reservation.quantity))
+                    .bind(now)
+                    .bind(&reservation.deal_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    self.counts.wrote();
+                    sqlx::query(
+                        "UPDATE deal_holdings SET held = held - $1 WHERE deal_id = $2 AND user_id = $3",
+                    )
+                    .bind(i64::from(reservation.quantity))
+                    .bind(&reservation.deal_id)
+                    .bind(&reservation.user_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    return Ok(Released::Now {
+                        reservation,
+                        remaining: narrow(remaining),
+                        version,
+                    });
+                }
+                tx.rollback().await?;
 
-            if let Some(reservation) = self.reservation(reservation_id).await? {
-                if reservation.is_tombstone() {
+                if let Some(reservation) = self.reservation(reservation_id).await? {
+                    if reservation.is_tombstone() {
+                        return Ok(Released::NotReserved);
+                    }
+                    let remaining = self
+                        .deal(&reservation.deal_id)
+                        .await?
+                        .map_or(0, |deal| deal.remaining_stock);
+                    return Ok(Released::Already {
+                        reservation,
+                        remaining,
+                    });
+                }
+                self.counts.wrote();
+                let tombstone = sqlx::query(
+                    "INSERT INTO reservations (id, deal_id, user_id, quantity, unit_price_cents, \
+                     remaining_after, reserved_at, released_at) VALUES ($1, '', '', 0, 0, 0, $2, $2) \
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(reservation_id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                if tombstone.rows_affected() == 1 {
                     return Ok(Released::NotReserved);
                 }
-                let remaining = self
-                    .deal(&reservation.deal_id)
-                    .await?
-                    .map_or(0, |deal| deal.remaining_stock);
-                return Ok(Released::Already {
-                    reservation,
-                    remaining,
-                });
             }
-            self.counts.wrote();
-            let tombstone = sqlx::query(
-                "INSERT INTO reservations (id, deal_id, user_id, quantity, unit_price_cents, \
-                 remaining_after, reserved_at, released_at) VALUES ($1, '', '', 0, 0, 0, $2, $2) \
-                 ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(reservation_id)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-            if tombstone.rows_affected() == 1 {
-                return Ok(Released::NotReserved);
-            }
-        }
-        Err(CatalogError::Storage(sqlx::Error::Protocol(
-            "reservation changed twice during one release".into(),
-        )))
+            Err(CatalogError::Storage(sqlx::Error::Protocol(
+                "reservation changed twice during one release".into(),
+            )))
+        })
+        .await
     }
 }

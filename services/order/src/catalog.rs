@@ -9,8 +9,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use flashmesh_platform::upstream::{
-    UpstreamSettings, UpstreamUrlError, balanced_channel, system_resolver,
+use flashmesh_platform::{
+    metrics::Metrics,
+    observe::ClientTraceLayer,
+    telemetry::{self, Attribute},
+    upstream::{UpstreamSettings, UpstreamUrlError, balanced_channel, system_resolver},
 };
 use flashmesh_proto::catalog::v1::{
     self as pb, ReleaseStockRequest, ReserveStockRequest,
@@ -19,7 +22,7 @@ use flashmesh_proto::catalog::v1::{
 use tonic::{Code, Status, body::Body, metadata::MetadataValue};
 use tonic_types::StatusExt;
 use tower::{ServiceBuilder, util::BoxCloneSyncService};
-use tower_resilience_circuitbreaker::{CircuitBreakerError, CircuitBreakerLayer};
+use tower_resilience_circuitbreaker::{CircuitBreakerError, CircuitBreakerLayer, CircuitState};
 
 use crate::domain::{Refusal, RefusalKind};
 
@@ -180,6 +183,8 @@ pub struct CatalogClientSettings {
     pub call_timeout: Duration,
     pub retries: u32,
     pub breaker_open_for: Duration,
+    /// Where the breaker's state is reported.
+    pub metrics: Metrics,
 }
 
 impl CatalogClient {
@@ -199,6 +204,32 @@ impl CatalogClient {
         )
         .await?
         .channel;
+        let state = settings.metrics.gauge_family::<1>(
+            "flashmesh_circuit_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+        );
+        let state = state
+            .get_or_create(&[("breaker", "catalog".to_owned())])
+            .clone();
+        let transitions = settings.metrics.counter_family::<2>(
+            "flashmesh_circuit_breaker_transitions",
+            "Circuit breaker state changes, by the state entered",
+        );
+        let opened = transitions
+            .get_or_create(&[("breaker", "catalog".to_owned()), ("to", "open".to_owned())])
+            .clone();
+        let half_opened = transitions
+            .get_or_create(&[
+                ("breaker", "catalog".to_owned()),
+                ("to", "half_open".to_owned()),
+            ])
+            .clone();
+        let closed = transitions
+            .get_or_create(&[
+                ("breaker", "catalog".to_owned()),
+                ("to", "closed".to_owned()),
+            ])
+            .clone();
         // Transport errors (refused connections, timeouts) and UNAVAILABLE /
         // DEADLINE_EXCEEDED answers count as failures; refusals such as
         // SOLD_OUT are the catalog working.
@@ -209,6 +240,23 @@ impl CatalogClient {
             .minimum_number_of_calls(5)
             .wait_duration_in_open(settings.breaker_open_for)
             .permitted_calls_in_half_open(1)
+            .on_state_transition(move |from, to| {
+                let (value, counter, name) = match to {
+                    CircuitState::Closed => (0, &closed, "closed"),
+                    CircuitState::HalfOpen => (1, &half_opened, "half_open"),
+                    CircuitState::Open => (2, &opened, "open"),
+                };
+                state.set(value);
+                counter.inc();
+                tracing::warn!(breaker = "catalog", from = ?from, to = name, "circuit breaker state changed");
+                // On the span of the call whose outcome moved it.
+                telemetry::event("circuit_breaker.state_change", || {
+                    vec![
+                        Attribute::new("breaker", "catalog"),
+                        Attribute::new("breaker.state", name),
+                    ]
+                });
+            })
             .failure_classifier(
                 |result: &Result<http::Response<Body>, tonic::transport::Error>| match result {
                     Err(_) => true,
@@ -220,6 +268,7 @@ impl CatalogClient {
             )
             .build()?;
         let transport = ServiceBuilder::new()
+            .layer(ClientTraceLayer)
             .map_err(breaker_status)
             .layer(breaker)
             .service(channel);

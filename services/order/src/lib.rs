@@ -18,19 +18,25 @@ pub mod storage;
 pub mod transport;
 pub mod wire;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
 
 use flashmesh_platform::{
     config::PlatformConfig,
     db::{Database, StoreError},
     grpc::{GrpcServer, ServeError},
     identity::{AuthServiceKeys, TokenVerifier},
+    metrics::Metrics,
     paging::{PageSecretError, PageTokens},
     pubsub::bus,
     redis::RedisHandle,
-    streams::{ConsumerSettings, EventHandler, EventStream, run_consumer, unique_consumer_name},
+    streams::{ConsumerSettings, EventStream, TracedHandler, run_consumer, unique_consumer_name},
+    telemetry::Telemetry,
 };
 use flashmesh_proto::order::v1::order_service_server::OrderServiceServer;
+use prometheus_client::metrics::gauge::Gauge;
 use sqlx::migrate::Migrator;
 use tokio::{net::TcpListener, sync::Notify, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -73,6 +79,7 @@ pub struct OrderApp {
     store: Arc<OrderStore>,
     redis: Option<RedisHandle>,
     relay_wake: Arc<Notify>,
+    telemetry: Telemetry,
 }
 
 impl OrderApp {
@@ -82,9 +89,11 @@ impl OrderApp {
         config: OrderConfig,
         redis: Option<&RedisHandle>,
         token: Arc<dyn ServiceToken>,
+        telemetry: &Telemetry,
     ) -> Result<Self, StartError> {
         let db = Database::connect(platform, SCHEMA).await?;
         db.migrate(&MIGRATOR).await?;
+        db.observe(telemetry.metrics(), SCHEMA);
         let store = Arc::new(OrderStore::new(db.pool().clone(), db.backend()));
         let catalog = CatalogClient::new(
             &CatalogClientSettings {
@@ -98,6 +107,7 @@ impl OrderApp {
                 call_timeout: config.catalog_timeout,
                 retries: config.catalog_retries,
                 breaker_open_for: config.breaker_open_for,
+                metrics: telemetry.metrics().clone(),
             },
             token,
         )
@@ -124,6 +134,7 @@ impl OrderApp {
             store,
             redis: redis.cloned(),
             relay_wake,
+            telemetry: telemetry.clone(),
         })
     }
 
@@ -138,9 +149,27 @@ impl OrderApp {
         // draining after a shutdown signal commit events they must publish.
         let background = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let projector: Arc<dyn EventHandler> =
-            Arc::new(StatusProjector::new(self.store.clone(), self.service.bus()));
-        let counter: Arc<dyn EventHandler> = Arc::new(SalesCounter::new(self.store.clone()));
+        let projector = TracedHandler::wrap(
+            Arc::new(StatusProjector::new(self.store.clone(), self.service.bus())),
+            &self.telemetry,
+            StatusProjector::GROUP,
+        );
+        let counter = TracedHandler::wrap(
+            Arc::new(SalesCounter::new(self.store.clone())),
+            &self.telemetry,
+            SalesCounter::GROUP,
+        );
+        let dead_letters = self
+            .redis
+            .as_ref()
+            .map(|redis| EventStream::new(redis, &self.config.stream, self.config.stream_max_len));
+        tasks.spawn(observe_events(
+            self.store.clone(),
+            dead_letters,
+            self.telemetry.metrics().clone(),
+            self.config.sweep_interval,
+            background.clone(),
+        ));
         let sink = match &self.redis {
             Some(redis) => {
                 let stream =
@@ -193,7 +222,7 @@ impl OrderApp {
             background.clone(),
         ));
 
-        let served = GrpcServer::new(&self.platform.server)
+        let served = GrpcServer::new(&self.platform.server, &self.telemetry)
             .with_identity(self.verifier)
             .add_service(OrderServiceServer::new(OrderGrpc::new(
                 self.service,
@@ -218,6 +247,63 @@ async fn sweep(service: Arc<OrderService>, interval: Duration, shutdown: Cancell
         }
         if let Err(e) = service.sweep().await {
             tracing::warn!(error = %e, "order sweep failed");
+        }
+    }
+}
+
+/// Keeps `flashmesh_outbox_pending`, `flashmesh_outbox_lag_seconds` (age of
+/// the oldest unpublished event) and `flashmesh_dead_letters` current.
+async fn observe_events(
+    store: Arc<OrderStore>,
+    stream: Option<EventStream>,
+    metrics: Metrics,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let pending = metrics.family(
+        "flashmesh_outbox_pending",
+        "Order events not yet published",
+        Gauge::<i64>::default,
+    );
+    let lag = metrics.family(
+        "flashmesh_outbox_lag_seconds",
+        "Age of the oldest order event not yet published (0 when none)",
+        Gauge::<f64, AtomicU64>::default,
+    );
+    let dead = metrics.family(
+        "flashmesh_dead_letters",
+        "Order events dead-lettered (the .dlq stream, or the dead_letters table without Redis)",
+        Gauge::<i64>::default,
+    );
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match store.outbox_backlog().await {
+            Ok((count, oldest)) => {
+                pending.set(count);
+                let age_ms = oldest.map_or(0, |oldest| (service::now_ms() - oldest).max(0));
+                #[allow(clippy::cast_precision_loss)] // milliseconds: exact far beyond any lag
+                lag.set(age_ms as f64 / 1000.0);
+            }
+            Err(e) => tracing::debug!(error = %e, "outbox backlog not measured"),
+        }
+        let dead_letters = match &stream {
+            Some(stream) => stream
+                .dead_letter_len()
+                .await
+                .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+                .map_err(|e| e.to_string()),
+            None => store.dead_letter_count().await.map_err(|e| e.to_string()),
+        };
+        match dead_letters {
+            Ok(n) => {
+                dead.set(n);
+            }
+            Err(error) => tracing::debug!(%error, "dead letters not counted"),
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use flashmesh_platform::db::Backend;
+use flashmesh_platform::{db::Backend, telemetry};
 use sqlx::{Any, AnyPool, FromRow, Transaction};
 
 use crate::domain::{DealSales, Order, OrderItem, OrderState, SalesDelta};
@@ -180,102 +180,111 @@ impl OrderStore {
         expires_at: i64,
         now: i64,
     ) -> Result<ClaimOutcome, sqlx::Error> {
-        for _ in 0..2 {
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (user_id, idem_key, fingerprint, state, order_id, \
-                 reservation_id, lease_until, created_at, expires_at) \
-                 VALUES ($1, $2, $3, 'in_progress', $4, $5, $6, $7, $8) \
-                 ON CONFLICT (user_id, idem_key) DO NOTHING",
-            )
-            .bind(&claim.user_id)
-            .bind(&claim.key)
-            .bind(&claim.fingerprint)
-            .bind(&claim.order_id)
-            .bind(&claim.reservation_id)
-            .bind(lease_until)
-            .bind(now)
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await?;
-            if inserted.rows_affected() == 1 {
-                return Ok(ClaimOutcome::Claimed);
-            }
-            let Some(row) = sqlx::query_as::<_, ClaimRow>(
-                "SELECT user_id, idem_key, fingerprint, state, order_id, reservation_id, refusal, \
-                 expires_at FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2",
-            )
-            .bind(&claim.user_id)
-            .bind(&claim.key)
-            .fetch_optional(&self.pool)
-            .await?
-            else {
-                // Freed between the two statements: claim again.
-                continue;
-            };
-            if row.expires_at <= now && row.state != "in_progress" {
-                sqlx::query(
-                    "DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 \
-                     AND expires_at <= $3 AND state <> 'in_progress'",
+        telemetry::db("order.claim", async {
+            for _ in 0..2 {
+                let inserted = sqlx::query(
+                    "INSERT INTO idempotency_keys (user_id, idem_key, fingerprint, state, order_id, \
+                     reservation_id, lease_until, created_at, expires_at) \
+                     VALUES ($1, $2, $3, 'in_progress', $4, $5, $6, $7, $8) \
+                     ON CONFLICT (user_id, idem_key) DO NOTHING",
                 )
                 .bind(&claim.user_id)
                 .bind(&claim.key)
+                .bind(&claim.fingerprint)
+                .bind(&claim.order_id)
+                .bind(&claim.reservation_id)
+                .bind(lease_until)
                 .bind(now)
+                .bind(expires_at)
                 .execute(&self.pool)
                 .await?;
-                continue;
+                if inserted.rows_affected() == 1 {
+                    return Ok(ClaimOutcome::Claimed);
+                }
+                let Some(row) = sqlx::query_as::<_, ClaimRow>(
+                    "SELECT user_id, idem_key, fingerprint, state, order_id, reservation_id, refusal, \
+                     expires_at FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2",
+                )
+                .bind(&claim.user_id)
+                .bind(&claim.key)
+                .fetch_optional(&self.pool)
+                .await?
+                else {
+                    // Freed between the two statements: claim again.
+                    continue;
+                };
+                if row.expires_at <= now && row.state != "in_progress" {
+                    sqlx::query(
+                        "DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 \
+                         AND expires_at <= $3 AND state <> 'in_progress'",
+                    )
+                    .bind(&claim.user_id)
+                    .bind(&claim.key)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                    continue;
+                }
+                let state = match row.state.as_str() {
+                    "completed" => ClaimState::Completed,
+                    "refused" => ClaimState::Refused(row.refusal.unwrap_or_default()),
+                    _ => ClaimState::InProgress,
+                };
+                return Ok(ClaimOutcome::Existing(ExistingClaim {
+                    claim: Claim {
+                        user_id: row.user_id,
+                        key: row.idem_key,
+                        fingerprint: row.fingerprint,
+                        order_id: row.order_id,
+                        reservation_id: row.reservation_id,
+                    },
+                    state,
+                }));
             }
-            let state = match row.state.as_str() {
-                "completed" => ClaimState::Completed,
-                "refused" => ClaimState::Refused(row.refusal.unwrap_or_default()),
-                _ => ClaimState::InProgress,
-            };
-            return Ok(ClaimOutcome::Existing(ExistingClaim {
-                claim: Claim {
-                    user_id: row.user_id,
-                    key: row.idem_key,
-                    fingerprint: row.fingerprint,
-                    order_id: row.order_id,
-                    reservation_id: row.reservation_id,
-                },
-                state,
-            }));
-        }
-        // Two rounds lost to concurrent sweeps: let the caller retry.
-        Ok(ClaimOutcome::Existing(ExistingClaim {
-            claim: claim.clone(),
-            state: ClaimState::InProgress,
-        }))
+            // Two rounds lost to concurrent sweeps: let the caller retry.
+            Ok(ClaimOutcome::Existing(ExistingClaim {
+                claim: claim.clone(),
+                state: ClaimState::InProgress,
+            }))
+        })
+        .await
     }
 
     /// Records the catalog's refusal under the claim, if the claim is still
     /// the caller's. Nothing was reserved, so nothing else changes.
     pub async fn refuse(&self, claim: &Claim, refusal: &str) -> Result<bool, sqlx::Error> {
-        let updated = sqlx::query(
-            "UPDATE idempotency_keys SET state = 'refused', refusal = $1, lease_until = 0 \
-             WHERE reservation_id = $2 AND state = 'in_progress'",
-        )
-        .bind(refusal)
-        .bind(&claim.reservation_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(updated.rows_affected() == 1)
+        telemetry::db("order.refuse", async {
+            let updated = sqlx::query(
+                "UPDATE idempotency_keys SET state = 'refused', refusal = $1, lease_until = 0 \
+                 WHERE reservation_id = $2 AND state = 'in_progress'",
+            )
+            .bind(refusal)
+            .bind(&claim.reservation_id)
+            .execute(&self.pool)
+            .await?;
+            Ok(updated.rows_affected() == 1)
+        })
+        .await
     }
 
     /// Gives the key back (the request failed without an answer worth
     /// remembering). With `release`, the claim's reservation is queued for
     /// release in the same transaction, for when stock may have been taken.
     pub async fn abandon(&self, claim: &Claim, release: bool, now: i64) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let deleted = sqlx::query(
-            "DELETE FROM idempotency_keys WHERE reservation_id = $1 AND state = 'in_progress'",
-        )
-        .bind(&claim.reservation_id)
-        .execute(&mut *tx)
-        .await?;
-        if release && deleted.rows_affected() == 1 {
-            queue_release(&mut tx, &claim.reservation_id, now).await?;
-        }
-        tx.commit().await
+        telemetry::db("order.abandon", async {
+            let mut tx = self.pool.begin().await?;
+            let deleted = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE reservation_id = $1 AND state = 'in_progress'",
+            )
+            .bind(&claim.reservation_id)
+            .execute(&mut *tx)
+            .await?;
+            if release && deleted.rows_affected() == 1 {
+                queue_release(&mut tx, &claim.reservation_id, now).await?;
+            }
+            tx.commit().await
+        })
+        .await
     }
 
     /// Writes the order, its items and its creation event, and completes the
@@ -287,48 +296,51 @@ impl OrderStore {
         order: &Order,
         event: &OutboxRow,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let completed = sqlx::query(
-            "UPDATE idempotency_keys SET state = 'completed', lease_until = 0 \
-             WHERE reservation_id = $1 AND state = 'in_progress'",
-        )
-        .bind(&claim.reservation_id)
-        .execute(&mut *tx)
-        .await?;
-        if completed.rows_affected() != 1 {
-            return Ok(false);
-        }
-        sqlx::query(&format!(
-            "INSERT INTO orders ({ORDER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-        ))
-        .bind(&order.id)
-        .bind(&order.user_id)
-        .bind(order.state.as_str())
-        .bind(order.total_cents)
-        .bind(&order.idempotency_key)
-        .bind(order.version)
-        .bind(order.created_at)
-        .bind(order.updated_at)
-        .execute(&mut *tx)
-        .await?;
-        for (line, item) in order.items.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO order_items (order_id, line, deal_id, product_id, quantity, \
-                 unit_price_cents, reservation_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        telemetry::db("order.commit_order", async {
+            let mut tx = self.pool.begin().await?;
+            let completed = sqlx::query(
+                "UPDATE idempotency_keys SET state = 'completed', lease_until = 0 \
+                 WHERE reservation_id = $1 AND state = 'in_progress'",
             )
-            .bind(&order.id)
-            .bind(i64::try_from(line).unwrap_or(i64::MAX))
-            .bind(&item.deal_id)
-            .bind(&item.product_id)
-            .bind(i64::from(item.quantity))
-            .bind(item.unit_price_cents)
-            .bind(&item.reservation_id)
+            .bind(&claim.reservation_id)
             .execute(&mut *tx)
             .await?;
-        }
-        insert_event(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(true)
+            if completed.rows_affected() != 1 {
+                return Ok(false);
+            }
+            sqlx::query(&format!(
+                "INSERT INTO orders ({ORDER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            ))
+            .bind(&order.id)
+            .bind(&order.user_id)
+            .bind(order.state.as_str())
+            .bind(order.total_cents)
+            .bind(&order.idempotency_key)
+            .bind(order.version)
+            .bind(order.created_at)
+            .bind(order.updated_at)
+            .execute(&mut *tx)
+            .await?;
+            for (line, item) in order.items.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO order_items (order_id, line, deal_id, product_id, quantity, \
+                     unit_price_cents, reservation_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&order.id)
+                .bind(i64::try_from(line).unwrap_or(i64::MAX))
+                .bind(&item.deal_id)
+                .bind(&item.product_id)
+                .bind(i64::from(item.quantity))
+                .bind(item.unit_price_cents)
+                .bind(&item.reservation_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            insert_event(&mut tx, event).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Claims whose holder outlived its lease (a crash between reserving and
@@ -427,13 +439,16 @@ impl OrderStore {
     // ---- orders ------------------------------------------------------------
 
     pub async fn order(&self, id: &str) -> Result<Option<Order>, sqlx::Error> {
-        let rows: Vec<OrderRow> =
-            sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?;
-        let items = self.items_of(&rows).await?;
-        Ok(assemble(rows, items)?.pop())
+        telemetry::db("order.order", async {
+            let rows: Vec<OrderRow> =
+                sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+                    .bind(id)
+                    .fetch_all(&self.pool)
+                    .await?;
+            let items = self.items_of(&rows).await?;
+            Ok(assemble(rows, items)?.pop())
+        })
+        .await
     }
 
     /// The user's orders newest first, after `before` (an order id), in any
@@ -445,30 +460,33 @@ impl OrderStore {
         before: Option<&str>,
         limit: i64,
     ) -> Result<Vec<Order>, sqlx::Error> {
-        let mut sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1");
-        let mut next = 2;
-        if before.is_some() {
-            sql.push_str(&format!(" AND id < ${next}"));
-            next += 1;
-        }
-        if !states.is_empty() {
-            sql.push_str(&format!(
-                " AND state IN ({})",
-                placeholders(next, states.len())
-            ));
-            next += states.len();
-        }
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${next}"));
-        let mut query = sqlx::query_as::<_, OrderRow>(&sql).bind(user_id);
-        if let Some(before) = before {
-            query = query.bind(before);
-        }
-        for state in states {
-            query = query.bind(state.as_str());
-        }
-        let rows = query.bind(limit).fetch_all(&self.pool).await?;
-        let items = self.items_of(&rows).await?;
-        assemble(rows, items)
+        telemetry::db("order.orders_of", async {
+            let mut sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1");
+            let mut next = 2;
+            if before.is_some() {
+                sql.push_str(&format!(" AND id < ${next}"));
+                next += 1;
+            }
+            if !states.is_empty() {
+                sql.push_str(&format!(
+                    " AND state IN ({})",
+                    placeholders(next, states.len())
+                ));
+                next += states.len();
+            }
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT ${next}"));
+            let mut query = sqlx::query_as::<_, OrderRow>(&sql).bind(user_id);
+            if let Some(before) = before {
+                query = query.bind(before);
+            }
+            for state in states {
+                query = query.bind(state.as_str());
+            }
+            let rows = query.bind(limit).fetch_all(&self.pool).await?;
+            let items = self.items_of(&rows).await?;
+            assemble(rows, items)
+        })
+        .await
     }
 
     async fn items_of(&self, rows: &[OrderRow]) -> Result<Vec<ItemRow>, sqlx::Error> {
@@ -497,39 +515,42 @@ impl OrderStore {
         now: i64,
         event: impl FnOnce(&Order) -> OutboxRow,
     ) -> Result<Option<Order>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE orders SET state = 'cancelled', version = version + 1, updated_at = $1 \
-             WHERE id = $2 AND user_id = $3 AND state = 'confirmed'",
-        )
-        .bind(now)
-        .bind(order_id)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() != 1 {
-            return Ok(None);
-        }
-        let rows: Vec<OrderRow> =
-            sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
-                .bind(order_id)
-                .fetch_all(&mut *tx)
-                .await?;
-        let items: Vec<ItemRow> = sqlx::query_as(&format!(
-            "SELECT {ITEM_COLUMNS} FROM order_items WHERE order_id = $1 ORDER BY line"
-        ))
-        .bind(order_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(order) = assemble(rows, items)?.pop() else {
-            return Ok(None);
-        };
-        for item in &order.items {
-            queue_release(&mut tx, &item.reservation_id, now).await?;
-        }
-        insert_event(&mut tx, &event(&order)).await?;
-        tx.commit().await?;
-        Ok(Some(order))
+        telemetry::db("order.cancel", async {
+            let mut tx = self.pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE orders SET state = 'cancelled', version = version + 1, updated_at = $1 \
+                 WHERE id = $2 AND user_id = $3 AND state = 'confirmed'",
+            )
+            .bind(now)
+            .bind(order_id)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() != 1 {
+                return Ok(None);
+            }
+            let rows: Vec<OrderRow> =
+                sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+                    .bind(order_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let items: Vec<ItemRow> = sqlx::query_as(&format!(
+                "SELECT {ITEM_COLUMNS} FROM order_items WHERE order_id = $1 ORDER BY line"
+            ))
+            .bind(order_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let Some(order) = assemble(rows, items)?.pop() else {
+                return Ok(None);
+            };
+            for item in &order.items {
+                queue_release(&mut tx, &item.reservation_id, now).await?;
+            }
+            insert_event(&mut tx, &event(&order)).await?;
+            tx.commit().await?;
+            Ok(Some(order))
+        })
+        .await
     }
 
     // ---- outbox ------------------------------------------------------------
@@ -614,6 +635,21 @@ impl OrderStore {
             .await
     }
 
+    /// Unpublished outbox rows and when the oldest was written (ms), for the
+    /// relay's lag.
+    pub async fn outbox_backlog(&self) -> Result<(i64, Option<i64>), sqlx::Error> {
+        sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// Events dead-lettered in process (embedded mode).
+    pub async fn dead_letter_count(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM dead_letters")
+            .fetch_one(&self.pool)
+            .await
+    }
+
     // ---- read models -------------------------------------------------------
 
     /// Records `state` at `version` for the order unless a later version is
@@ -625,19 +661,22 @@ impl OrderStore {
         version: i64,
         now: i64,
     ) -> Result<bool, sqlx::Error> {
-        let changed = sqlx::query(
-            "INSERT INTO order_status (order_id, state, version, updated_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE \
-             SET state = excluded.state, version = excluded.version, updated_at = excluded.updated_at \
-             WHERE order_status.version < excluded.version",
-        )
-        .bind(order_id)
-        .bind(state.as_str())
-        .bind(version)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(changed.rows_affected() == 1)
+        telemetry::db("order.project_status", async {
+            let changed = sqlx::query(
+                "INSERT INTO order_status (order_id, state, version, updated_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO UPDATE \
+                 SET state = excluded.state, version = excluded.version, updated_at = excluded.updated_at \
+                 WHERE order_status.version < excluded.version",
+            )
+            .bind(order_id)
+            .bind(state.as_str())
+            .bind(version)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+            Ok(changed.rows_affected() == 1)
+        })
+        .await
     }
 
     /// Applies `deltas` once per (`consumer`, `event_id`): the dedupe record
@@ -649,61 +688,67 @@ impl OrderStore {
         deltas: &[SalesDelta],
         occurred_at: i64,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let first = sqlx::query(
-            "INSERT INTO consumed_events (consumer, event_id) VALUES ($1, $2) \
-             ON CONFLICT (consumer, event_id) DO NOTHING",
-        )
-        .bind(consumer)
-        .bind(event_id)
-        .execute(&mut *tx)
-        .await?;
-        if first.rows_affected() != 1 {
-            return Ok(false);
-        }
-        for delta in deltas {
-            sqlx::query(
-                "INSERT INTO deal_sales (deal_id, units_sold, orders_confirmed, orders_cancelled, \
-                 updated_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (deal_id) DO UPDATE SET \
-                 units_sold = deal_sales.units_sold + excluded.units_sold, \
-                 orders_confirmed = deal_sales.orders_confirmed + excluded.orders_confirmed, \
-                 orders_cancelled = deal_sales.orders_cancelled + excluded.orders_cancelled, \
-                 updated_at = CASE WHEN excluded.updated_at > deal_sales.updated_at \
-                 THEN excluded.updated_at ELSE deal_sales.updated_at END",
+        telemetry::db("order.count_sales", async {
+            let mut tx = self.pool.begin().await?;
+            let first = sqlx::query(
+                "INSERT INTO consumed_events (consumer, event_id) VALUES ($1, $2) \
+                 ON CONFLICT (consumer, event_id) DO NOTHING",
             )
-            .bind(&delta.deal_id)
-            .bind(delta.units_sold)
-            .bind(delta.orders_confirmed)
-            .bind(delta.orders_cancelled)
-            .bind(occurred_at)
+            .bind(consumer)
+            .bind(event_id)
             .execute(&mut *tx)
             .await?;
-        }
-        tx.commit().await?;
-        Ok(true)
+            if first.rows_affected() != 1 {
+                return Ok(false);
+            }
+            for delta in deltas {
+                sqlx::query(
+                    "INSERT INTO deal_sales (deal_id, units_sold, orders_confirmed, orders_cancelled, \
+                     updated_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (deal_id) DO UPDATE SET \
+                     units_sold = deal_sales.units_sold + excluded.units_sold, \
+                     orders_confirmed = deal_sales.orders_confirmed + excluded.orders_confirmed, \
+                     orders_cancelled = deal_sales.orders_cancelled + excluded.orders_cancelled, \
+                     updated_at = CASE WHEN excluded.updated_at > deal_sales.updated_at \
+                     THEN excluded.updated_at ELSE deal_sales.updated_at END",
+                )
+                .bind(&delta.deal_id)
+                .bind(delta.units_sold)
+                .bind(delta.orders_confirmed)
+                .bind(delta.orders_cancelled)
+                .bind(occurred_at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     pub async fn deal_sales(&self, deal_id: &str) -> Result<DealSales, sqlx::Error> {
-        let row: Option<SalesRow> = sqlx::query_as(
-            "SELECT deal_id, units_sold, orders_confirmed, orders_cancelled, updated_at \
-             FROM deal_sales WHERE deal_id = $1",
-        )
-        .bind(deal_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map_or_else(
-            || DealSales {
-                deal_id: deal_id.to_owned(),
-                ..DealSales::default()
-            },
-            |row| DealSales {
-                deal_id: row.deal_id,
-                units_sold: row.units_sold,
-                orders_confirmed: row.orders_confirmed,
-                orders_cancelled: row.orders_cancelled,
-                updated_at: Some(row.updated_at),
-            },
-        ))
+        telemetry::db("order.deal_sales", async {
+            let row: Option<SalesRow> = sqlx::query_as(
+                "SELECT deal_id, units_sold, orders_confirmed, orders_cancelled, updated_at \
+                 FROM deal_sales WHERE deal_id = $1",
+            )
+            .bind(deal_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(row.map_or_else(
+                || DealSales {
+                    deal_id: deal_id.to_owned(),
+                    ..DealSales::default()
+                },
+                |row| DealSales {
+                    deal_id: row.deal_id,
+                    units_sold: row.units_sold,
+                    orders_confirmed: row.orders_confirmed,
+                    orders_cancelled: row.orders_cancelled,
+                    updated_at: Some(row.updated_at),
+                },
+            ))
+        })
+        .await
     }
 
     /// Records an event no consumer could apply (embedded mode).
@@ -715,18 +760,21 @@ impl OrderStore {
         payload: &[u8],
         now: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO dead_letters (event_id, consumer, reason, payload, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, event_id) DO NOTHING",
-        )
-        .bind(event_id)
-        .bind(consumer)
-        .bind(reason)
-        .bind(payload)
-        .bind(now)
-        .execute(&self.pool)
+        telemetry::db("order.dead_letter", async {
+            sqlx::query(
+                "INSERT INTO dead_letters (event_id, consumer, reason, payload, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, event_id) DO NOTHING",
+            )
+            .bind(event_id)
+            .bind(consumer)
+            .bind(reason)
+            .bind(payload)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+        })
         .await
-        .map(drop)
     }
 }
 

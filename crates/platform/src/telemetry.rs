@@ -1,0 +1,696 @@
+//! Traces: one OpenTelemetry tracer provider per service, exporting over
+//! OTLP/gRPC to `OTEL_EXPORTER_OTLP_ENDPOINT` through a batch processor (a
+//! request only queues its spans; a full queue drops them, it never waits).
+//! With no endpoint no exporter runs and no span is ever created.
+//!
+//! **Sampling is decided once, where a trace enters a service** (the gateway's
+//! edge layer, a gRPC server layer, an event consumer): W3C `traceparent`
+//! flags of the caller when parent-based, else the configured ratio. Only a
+//! sampled request gets spans; an unsampled one carries a non-recording span
+//! context whose `traceparent` (flags `00`) tells the services behind it to
+//! skip too. Child spans ([`child`], [`traced`]) are created only inside a
+//! sampled span, so an unsampled request pays one thread-local read per
+//! would-be span.
+//!
+//! Spans are made with the OpenTelemetry API directly rather than bridged from
+//! `tracing` spans: `flashmesh up` runs four services in one process, each
+//! with its own `service.name`, and the tracer travels in the OpenTelemetry
+//! [`Context`] with the request, which a process-wide `tracing` subscriber
+//! cannot do. Logs stay on `tracing` and carry the context's `trace_id` and
+//! `span_id` (see [`crate::runtime::init_logging`]).
+
+use std::{borrow::Cow, fmt::Display, future::Future, str::FromStr, sync::Arc, time::Duration};
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::{
+    Context, KeyValue,
+    context::FutureExt,
+    trace::{
+        Link, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+        TraceState, Tracer, TracerProvider,
+    },
+};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{
+    Resource,
+    trace::{
+        BatchConfigBuilder, BatchSpanProcessor, Sampler, SamplingDecision, SdkTracer,
+        SdkTracerProvider, ShouldSample,
+    },
+};
+
+use crate::{
+    config::{ConfigError, Env},
+    metrics::Metrics,
+};
+
+pub use opentelemetry::{KeyValue as Attribute, trace::SpanKind as Kind};
+
+/// `OTEL_*` settings, read once like every other variable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`):
+    /// an OTLP/gRPC collector, e.g. `http://otel-collector:4317`. Unset: no
+    /// spans, no exporter.
+    pub otlp_endpoint: Option<String>,
+    /// `OTEL_SERVICE_NAME`; see [`TelemetryConfig::service_name`].
+    pub service_name: Option<String>,
+    /// `OTEL_RESOURCE_ATTRIBUTES`: `key=value,key=value`.
+    pub resource_attributes: Vec<(String, String)>,
+    /// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`.
+    pub sampler: SamplerSetting,
+    /// `OTEL_BSP_SCHEDULE_DELAY` (milliseconds): how often batches are sent.
+    pub batch_delay: Duration,
+    /// `OTEL_BSP_MAX_QUEUE_SIZE`: spans queued before new ones are dropped.
+    pub max_queue_size: usize,
+}
+
+/// Which traces are kept, as `OTEL_TRACES_SAMPLER` names them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplerSetting {
+    /// `parentbased_*`: a caller's decision (its `traceparent` flags) wins.
+    pub parent_based: bool,
+    /// Fraction of new traces kept: 1 (`always_on`), 0 (`always_off`) or
+    /// `OTEL_TRACES_SAMPLER_ARG` (`traceidratio`).
+    pub ratio: f64,
+}
+
+impl Default for SamplerSetting {
+    fn default() -> Self {
+        Self {
+            parent_based: true,
+            ratio: 1.0,
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let invalid = |var: &str, reason: &str| ConfigError {
+            var: var.to_owned(),
+            value: env.raw(var).unwrap_or_default().to_owned(),
+            reason: reason.to_owned(),
+        };
+        let arg: Option<f64> = env.optional("OTEL_TRACES_SAMPLER_ARG")?;
+        if arg.is_some_and(|ratio| !(0.0..=1.0).contains(&ratio)) {
+            return Err(invalid(
+                "OTEL_TRACES_SAMPLER_ARG",
+                "must be between 0 and 1",
+            ));
+        }
+        let sampler = match env
+            .raw("OTEL_TRACES_SAMPLER")
+            .map_or("parentbased_always_on", str::trim)
+        {
+            "always_on" => (false, 1.0),
+            "always_off" => (false, 0.0),
+            "traceidratio" => (false, arg.unwrap_or(1.0)),
+            "parentbased_always_on" => (true, 1.0),
+            "parentbased_always_off" => (true, 0.0),
+            "parentbased_traceidratio" => (true, arg.unwrap_or(1.0)),
+            _ => {
+                return Err(invalid(
+                    "OTEL_TRACES_SAMPLER",
+                    "expected always_on, always_off, traceidratio, parentbased_always_on, \
+                     parentbased_always_off or parentbased_traceidratio",
+                ));
+            }
+        };
+        let resource_attributes = match env.raw("OTEL_RESOURCE_ATTRIBUTES") {
+            None => Vec::new(),
+            Some(raw) => raw
+                .split(',')
+                .map(str::trim)
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    pair.split_once('=')
+                        .filter(|(key, _)| !key.trim().is_empty())
+                        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+                        .ok_or_else(|| {
+                            invalid("OTEL_RESOURCE_ATTRIBUTES", "expected key=value,key=value")
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Self {
+            otlp_endpoint: env
+                .raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .or_else(|| env.raw("OTEL_EXPORTER_OTLP_ENDPOINT"))
+                .map(|url| url.trim().to_owned()),
+            service_name: env.raw("OTEL_SERVICE_NAME").map(|s| s.trim().to_owned()),
+            resource_attributes,
+            sampler: SamplerSetting {
+                parent_based: sampler.0,
+                ratio: sampler.1,
+            },
+            batch_delay: Duration::from_millis(env.ranged_or(
+                "OTEL_BSP_SCHEDULE_DELAY",
+                1000,
+                1..=60_000,
+            )?),
+            max_queue_size: env.ranged_or("OTEL_BSP_MAX_QUEUE_SIZE", 8192, 16..=1_000_000)?,
+        })
+    }
+
+    /// The `service.name` of `part` (`auth`, `gateway`, …): `OTEL_SERVICE_NAME`
+    /// when one service runs alone, else `flashmesh-<part>`. Several services
+    /// in one process (`flashmesh up`) are `<OTEL_SERVICE_NAME or
+    /// flashmesh>-<part>`, so their spans stay apart.
+    pub fn service_name(&self, part: &str, shared_process: bool) -> String {
+        match (&self.service_name, shared_process) {
+            (Some(name), false) => name.clone(),
+            (Some(name), true) => format!("{name}-{part}"),
+            (None, _) => format!("flashmesh-{part}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot build the OTLP exporter for OTEL_EXPORTER_OTLP_ENDPOINT: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// One service's telemetry: its tracer (when exporting) and the metrics
+/// registry it registers into. Cheap to clone.
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    service: String,
+    tracing: Option<Tracing>,
+    metrics: Metrics,
+}
+
+struct Tracing {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    sampler: Sampler,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(tracing) = &self.tracing
+            && let Err(error) = tracing.provider.shutdown()
+        {
+            tracing::debug!(%error, service = %self.service, "span exporter shutdown");
+        }
+    }
+}
+
+/// The tracer of the sampled span in a [`Context`], so child spans need no
+/// handle of their own. Present only inside sampled spans.
+#[derive(Clone)]
+struct ActiveTracer(SdkTracer);
+
+/// The caller's `x-request-id`, for log lines.
+#[derive(Clone)]
+pub struct RequestId(pub HeaderValue);
+
+impl Telemetry {
+    /// Telemetry of `service` (its `service.name`), registering metrics in
+    /// `metrics`. Must run inside a Tokio runtime when an endpoint is set
+    /// (the exporter's channel lives there).
+    pub fn new(
+        config: &TelemetryConfig,
+        service: String,
+        metrics: &Metrics,
+    ) -> Result<Self, TelemetryError> {
+        let tracing = match &config.otlp_endpoint {
+            None => None,
+            Some(endpoint) => {
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint.clone())
+                    .with_timeout(Duration::from_secs(5))
+                    .build()?;
+                let processor = BatchSpanProcessor::builder(exporter)
+                    .with_batch_config(
+                        BatchConfigBuilder::default()
+                            .with_scheduled_delay(config.batch_delay)
+                            .with_max_queue_size(config.max_queue_size)
+                            .build(),
+                    )
+                    .build();
+                let resource = Resource::builder_empty()
+                    .with_attributes(
+                        config
+                            .resource_attributes
+                            .iter()
+                            .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+                    )
+                    .with_service_name(service.clone())
+                    .build();
+                // Every decision is made by [`Telemetry::start`] before a span
+                // is built; the SDK records whatever it is given.
+                let provider = SdkTracerProvider::builder()
+                    .with_span_processor(processor)
+                    .with_sampler(Sampler::AlwaysOn)
+                    .with_resource(resource)
+                    .build();
+                let tracer = provider.tracer("flashmesh");
+                let sampler = config.sampler.sdk_sampler();
+                Some(Tracing {
+                    provider,
+                    tracer,
+                    sampler,
+                })
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                service,
+                tracing,
+                metrics: metrics.clone(),
+            }),
+        })
+    }
+
+    /// No spans, and a registry of its own (unit tests, tools).
+    pub fn disabled(service: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                service: service.to_owned(),
+                tracing: None,
+                metrics: Metrics::default(),
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Whether spans are made and exported at all.
+    pub fn tracing(&self) -> bool {
+        self.inner.tracing.is_some()
+    }
+
+    /// Sends every finished span now (tests, shutdown).
+    pub fn flush(&self) {
+        if let Some(tracing) = &self.inner.tracing
+            && let Err(error) = tracing.provider.force_flush()
+        {
+            tracing::warn!(%error, service = %self.inner.service, "spans not flushed");
+        }
+    }
+
+    /// The context a request runs in: a span of `kind` named `name`, child
+    /// of `parent` (a caller's remote context, or empty for a new trace),
+    /// sampled as configured. Unsampled, it carries a non-recording span
+    /// context that propagates the decision (flags `00`); `None` when
+    /// tracing is off. The name is copied and `attributes` are built only
+    /// for a sampled span.
+    pub fn start(
+        &self,
+        parent: &Context,
+        name: &str,
+        kind: SpanKind,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Context> {
+        let tracing = self.inner.tracing.as_ref()?;
+        let parent_span = parent.span();
+        let parent_context = parent_span.span_context();
+        let trace_id = if parent_context.is_valid() {
+            parent_context.trace_id()
+        } else {
+            random_trace_id()
+        };
+        let decision = tracing
+            .sampler
+            .should_sample(Some(parent), trace_id, "", &kind, &[], &[])
+            .decision;
+        if decision == SamplingDecision::Drop {
+            let unsampled = SpanContext::new(
+                trace_id,
+                random_span_id(),
+                TraceFlags::default(),
+                false,
+                parent_context.trace_state().clone(),
+            );
+            return Some(parent.with_remote_span_context(unsampled));
+        }
+        let span = tracing
+            .tracer
+            .span_builder(name.to_owned())
+            .with_kind(kind)
+            .with_attributes(attributes())
+            .start_with_context(&tracing.tracer, parent);
+        Some(
+            parent
+                .with_span(span)
+                .with_value(ActiveTracer(tracing.tracer.clone())),
+        )
+    }
+
+    /// A consumer's root span for an event caused by the request whose span
+    /// context `cause` is: a new trace *linked* to that request, kept when
+    /// the request was (a consumer follows its cause's decision), or by the
+    /// ratio when there is no cause.
+    pub fn start_linked(
+        &self,
+        cause: Option<SpanContext>,
+        name: &str,
+        kind: SpanKind,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Context> {
+        let tracing = self.inner.tracing.as_ref()?;
+        let sampled = match &cause {
+            Some(cause) => cause.is_sampled(),
+            None => {
+                let root = Context::new();
+                tracing
+                    .sampler
+                    .should_sample(Some(&root), random_trace_id(), "", &kind, &[], &[])
+                    .decision
+                    != SamplingDecision::Drop
+            }
+        };
+        if !sampled {
+            return None;
+        }
+        let span = tracing
+            .tracer
+            .span_builder(name.to_owned())
+            .with_kind(kind)
+            .with_attributes(attributes())
+            .with_links(cause.map(Link::with_context).into_iter().collect())
+            .start_with_context(&tracing.tracer, &Context::new());
+        Some(
+            Context::new()
+                .with_span(span)
+                .with_value(ActiveTracer(tracing.tracer.clone())),
+        )
+    }
+}
+
+impl SamplerSetting {
+    fn sdk_sampler(self) -> Sampler {
+        let root = if self.ratio >= 1.0 {
+            Sampler::AlwaysOn
+        } else if self.ratio <= 0.0 {
+            Sampler::AlwaysOff
+        } else {
+            Sampler::TraceIdRatioBased(self.ratio)
+        };
+        if self.parent_based {
+            Sampler::ParentBased(Box::new(root))
+        } else {
+            root
+        }
+    }
+}
+
+fn random_trace_id() -> TraceId {
+    TraceId::from(rand::random::<u128>() | 1)
+}
+
+fn random_span_id() -> SpanId {
+    SpanId::from(rand::random::<u64>() | 1)
+}
+
+/// A child span of the current span, if that one is sampled: the context to
+/// run the child's work in. The child ends when [`end`] is called on it or
+/// the last clone of the context drops.
+pub fn child(
+    name: impl Into<Cow<'static, str>>,
+    kind: SpanKind,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
+) -> Option<Context> {
+    Context::map_current(|current| {
+        let tracer = current.get::<ActiveTracer>()?;
+        let span = tracer
+            .0
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes())
+            .start_with_context(&tracer.0, current);
+        Some(current.with_span(span))
+    })
+}
+
+/// Whether the current span is sampled (child spans would be made).
+pub fn sampled() -> bool {
+    Context::map_current(|current| current.get::<ActiveTracer>().is_some())
+}
+
+/// Ends the span of `cx`, marking it failed with `error` if there is one.
+pub fn end(cx: &Context, error: Option<&dyn Display>) {
+    let span = cx.span();
+    if let Some(error) = error {
+        span.set_status(Status::error(error.to_string()));
+    }
+    span.end();
+}
+
+/// Runs `work` in a child span `name` of the current sampled span (see
+/// [`child`]); without one, just runs it. An `Err` marks the span failed.
+pub async fn traced<T, E: Display>(
+    name: &'static str,
+    kind: SpanKind,
+    attributes: impl FnOnce() -> Vec<KeyValue>,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let Some(cx) = child(name, kind, attributes) else {
+        return work.await;
+    };
+    let result = work.with_context(cx.clone()).await;
+    end(&cx, result.as_ref().err().map(|e| e as &dyn Display));
+    result
+}
+
+/// A database statement, named (e.g. `catalog.reserve_stock`), never with
+/// its parameters.
+pub async fn db<T, E: Display>(
+    statement: &'static str,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    traced(
+        statement,
+        SpanKind::Client,
+        || {
+            vec![
+                KeyValue::new("db.operation.name", statement),
+                KeyValue::new("db.system.name", "sql"),
+            ]
+        },
+        work,
+    )
+    .await
+}
+
+/// A Redis command or script, named (e.g. `stock_gate.admit`).
+pub async fn redis<T, E: Display>(
+    operation: &'static str,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    traced(
+        operation,
+        SpanKind::Client,
+        || {
+            vec![
+                KeyValue::new("db.system.name", "redis"),
+                KeyValue::new("db.operation.name", operation),
+            ]
+        },
+        work,
+    )
+    .await
+}
+
+/// Adds an event to the current span if it is sampled (a decision, a state
+/// change); `attributes` are built only then.
+pub fn event(name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
+    Context::map_current(|current| {
+        if current.get::<ActiveTracer>().is_some() {
+            current.span().add_event(name, attributes());
+        }
+    });
+}
+
+/// The remote context a caller sent in `traceparent`/`tracestate`, or an
+/// empty one (a new trace) when absent or malformed.
+pub fn extract(headers: &HeaderMap) -> Context {
+    match headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_traceparent(v, headers.get("tracestate")))
+    {
+        Some(remote) => Context::new().with_remote_span_context(remote),
+        None => Context::new(),
+    }
+}
+
+/// Writes `cx`'s span context as `traceparent` (and `tracestate`) into
+/// `headers`, replacing what was there; leaves them alone without a valid one.
+pub fn inject(cx: &Context, headers: &mut HeaderMap) {
+    let span = cx.span();
+    let context = span.span_context();
+    if !context.is_valid() {
+        return;
+    }
+    if let Ok(value) = HeaderValue::from_str(&format_traceparent(context)) {
+        headers.insert("traceparent", value);
+    }
+    let state = context.trace_state().header();
+    match HeaderValue::from_str(&state) {
+        Ok(value) if !state.is_empty() => {
+            headers.insert("tracestate", value);
+        }
+        _ => {
+            headers.remove("tracestate");
+        }
+    }
+}
+
+/// `00-<trace id>-<span id>-<flags>`.
+pub fn format_traceparent(context: &SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        context.trace_id(),
+        context.span_id(),
+        context.trace_flags().to_u8()
+    )
+}
+
+/// A W3C `traceparent` (version 00, or a later one read as 00), with its
+/// `tracestate`; `None` when malformed or all-zero.
+pub fn parse_traceparent(value: &str, state: Option<&HeaderValue>) -> Option<SpanContext> {
+    let mut parts = value.trim().split('-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let span = parts.next()?;
+    let flags = parts.next()?;
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+        return None;
+    }
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace).ok()?;
+    let span_id = SpanId::from_hex(span).ok()?;
+    if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
+        return None;
+    }
+    let flags = u8::from_str_radix(flags, 16).ok()? & TraceFlags::SAMPLED.to_u8();
+    let state = state
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| TraceState::from_str(v).ok())
+        .unwrap_or_default();
+    Some(SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags),
+        true,
+        state,
+    ))
+}
+
+/// The current span context as `traceparent`, if there is a valid one.
+pub fn current_traceparent() -> Option<String> {
+    Context::map_current(|cx| {
+        let span = cx.span();
+        let context = span.span_context();
+        context.is_valid().then(|| format_traceparent(context))
+    })
+}
+
+/// Trace and span id of the current span, for log lines.
+pub fn current_ids() -> Option<(TraceId, SpanId)> {
+    Context::map_current(|cx| {
+        let span = cx.span();
+        let context = span.span_context();
+        context
+            .is_valid()
+            .then(|| (context.trace_id(), context.span_id()))
+    })
+}
+
+/// The current request's `x-request-id`, for log lines.
+pub fn current_request_id() -> Option<HeaderValue> {
+    Context::map_current(|cx| cx.get::<RequestId>().map(|id| id.0.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_rejects_garbage() {
+        let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let parsed = parse_traceparent(given, None).expect("valid");
+        assert!(parsed.is_sampled());
+        assert!(parsed.is_remote());
+        assert_eq!(format_traceparent(&parsed), given);
+        let unsampled = parse_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            None,
+        )
+        .expect("valid");
+        assert!(!unsampled.is_sampled());
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(parse_traceparent(bad, None).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sampler_variables() {
+        let config = TelemetryConfig::from_env(&Env::default()).expect("defaults");
+        assert_eq!(config.sampler, SamplerSetting::default());
+        assert_eq!(config.otlp_endpoint, None);
+        let env = Env::from_pairs([
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=prod, team=sales",
+            ),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+        ]);
+        let config = TelemetryConfig::from_env(&env).expect("valid");
+        assert_eq!(
+            config.sampler,
+            SamplerSetting {
+                parent_based: true,
+                ratio: 0.1
+            }
+        );
+        assert_eq!(config.resource_attributes.len(), 2);
+        assert_eq!(
+            config.otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        for (var, value) in [
+            ("OTEL_TRACES_SAMPLER", "sometimes"),
+            ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "novalue"),
+        ] {
+            let err = TelemetryConfig::from_env(&Env::from_pairs([(var, value)])).unwrap_err();
+            assert_eq!(err.var, var);
+        }
+    }
+
+    #[test]
+    fn service_names() {
+        let mut config = TelemetryConfig::from_env(&Env::default()).expect("defaults");
+        assert_eq!(config.service_name("order", true), "flashmesh-order");
+        assert_eq!(config.service_name("order", false), "flashmesh-order");
+        config.service_name = Some("shop".into());
+        assert_eq!(config.service_name("order", false), "shop");
+        assert_eq!(config.service_name("order", true), "shop-order");
+    }
+}
