@@ -100,8 +100,10 @@ impl GatewayApp {
         }
         let routes = RouteTable::from_descriptors(&pool, &[])?;
         let verifier = TokenVerifier::new(
-            Arc::new(AuthServiceKeys::new(&platform.auth_url, platform.transport)
-                .map_err(StartError::AuthUrl)?),
+            Arc::new(
+                AuthServiceKeys::new(&platform.auth_url, platform.transport)
+                    .map_err(StartError::AuthUrl)?,
+            ),
             platform.tokens.clone(),
         );
         let auth = EdgeAuth::new(Arc::new(verifier), TOKEN_CACHE_CAPACITY);

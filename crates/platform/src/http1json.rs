@@ -88,8 +88,11 @@ pub fn to_json(message: &DynamicMessage) -> Result<Vec<u8>, serde_json::Error> {
 /// unknown fields refused).
 fn from_json(desc: MessageDescriptor, json: &[u8]) -> Result<DynamicMessage, serde_json::Error> {
     let mut deserializer = serde_json::Deserializer::from_slice(json);
-    let message =
-        DynamicMessage::deserialize_with_options(desc, &mut deserializer, &DeserializeOptions::new())?;
+    let message = DynamicMessage::deserialize_with_options(
+        desc,
+        &mut deserializer,
+        &DeserializeOptions::new(),
+    )?;
     deserializer.end()?;
     Ok(message)
 }
@@ -153,7 +156,9 @@ impl Deframer {
             return Ok(None);
         }
         if self.buffer[0] != 0 {
-            return Err(Status::internal("compressed gRPC messages are not supported"));
+            return Err(Status::internal(
+                "compressed gRPC messages are not supported",
+            ));
         }
         let len = u32::from_be_bytes([
             self.buffer[1],
@@ -237,7 +242,8 @@ fn status_from_json(json: &serde_json::Value) -> Status {
 fn result_line(output: &MessageDescriptor, payload: Bytes) -> Result<Bytes, Status> {
     let message = DynamicMessage::decode(output.clone(), payload)
         .map_err(|e| Status::internal(format!("undecodable answer: {e}")))?;
-    let json = to_json(&message).map_err(|e| Status::internal(format!("unencodable answer: {e}")))?;
+    let json =
+        to_json(&message).map_err(|e| Status::internal(format!("unencodable answer: {e}")))?;
     let mut line = BytesMut::with_capacity(json.len() + 12);
     line.put_slice(b"{\"result\":");
     line.put_slice(&json);
@@ -462,7 +468,11 @@ pub struct JsonChannel {
 }
 
 impl JsonChannel {
-    pub fn new(targets: Targets, connect_timeout: Duration, call_timeout: Option<Duration>) -> Self {
+    pub fn new(
+        targets: Targets,
+        connect_timeout: Duration,
+        call_timeout: Option<Duration>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -505,35 +515,54 @@ impl JsonChannel {
             .map_err(|e| e.to_string())
             .and_then(|message| to_json(&message).map_err(|e| e.to_string()))
             .map_err(|e| Status::internal(format!("unencodable request: {e}")))?;
-        let target = self
-            .target()
-            .ok_or_else(|| Status::unavailable("no upstream address is known yet"))?;
-        let mut outgoing = http::Request::new(Full::new(Bytes::from(json)));
-        *outgoing.method_mut() = Method::POST;
-        *outgoing.uri_mut() = format!("{target}{}", parts.uri.path())
-            .parse()
-            .map_err(|e| Status::internal(format!("bad upstream URL {target}: {e}")))?;
-        *outgoing.headers_mut() = metadata(&parts.headers);
-        outgoing
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+        let mut headers = metadata(&parts.headers);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+        let body = Full::new(Bytes::from(json));
 
-        // Failures map as tonic maps its channel's: a refused connection is
-        // UNAVAILABLE, an elapsed call timeout CANCELLED.
-        let call = self.client.request(outgoing);
-        let response = match self.call_timeout {
-            Some(limit) => tokio::time::timeout(limit, call)
-                .await
-                .map_err(|_| Status::from_error(Box::new(TimeoutExpired(()))))?,
-            None => call.await,
-        }
-        .map_err(|e| {
-            if e.is_connect() {
-                Status::from_error(Box::new(ConnectError(Box::new(e))))
-            } else {
-                Status::unavailable(format!("the upstream call failed: {e}"))
+        // A refused connection sent nothing, so the next replica is tried,
+        // as the gRPC balancer routes around a replica that is down.
+        let attempts = self
+            .targets
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            .max(1);
+        let mut attempt = 0;
+        let response = loop {
+            attempt += 1;
+            let target = self
+                .target()
+                .ok_or_else(|| Status::unavailable("no upstream address is known yet"))?;
+            let mut outgoing = http::Request::new(body.clone());
+            *outgoing.method_mut() = Method::POST;
+            *outgoing.uri_mut() = format!("{target}{}", parts.uri.path())
+                .parse()
+                .map_err(|e| Status::internal(format!("bad upstream URL {target}: {e}")))?;
+            *outgoing.headers_mut() = headers.clone();
+            // Failures map as tonic maps its channel's: a refused connection
+            // is UNAVAILABLE, an elapsed call timeout CANCELLED.
+            let call = self.client.request(outgoing);
+            let answer = match self.call_timeout {
+                Some(limit) => tokio::time::timeout(limit, call)
+                    .await
+                    .map_err(|_| Status::from_error(Box::new(TimeoutExpired(()))))?,
+                None => call.await,
+            };
+            match answer {
+                Ok(response) => break response,
+                Err(e) if e.is_connect() && attempt < attempts => {
+                    tracing::debug!(%target, error = %e, "upstream refused; trying the next");
+                }
+                Err(e) if e.is_connect() => {
+                    return Err(Status::from_error(Box::new(ConnectError(Box::new(e)))));
+                }
+                Err(e) => {
+                    return Err(Status::unavailable(format!(
+                        "the upstream call failed: {e}"
+                    )));
+                }
             }
-        })?;
+        };
         let (head, body) = response.into_parts();
         if !head.status.is_success() {
             let status = Status::from_header_map(&head.headers).unwrap_or_else(|| {

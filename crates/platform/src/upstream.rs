@@ -202,10 +202,7 @@ pub fn lazy_channel(
                     .map_err(channel_status),
             )
         }
-        Transport::Http1Json => json_channel(
-            Arc::new(RwLock::new(vec![target.base()])),
-            settings,
-        ),
+        Transport::Http1Json => json_channel(Arc::new(RwLock::new(vec![target.base()])), settings),
     })
 }
 

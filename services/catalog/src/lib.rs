@@ -125,7 +125,10 @@ impl CatalogApp {
             config.clone(),
         );
         let verifier = TokenVerifier::new(
-            Arc::new(AuthServiceKeys::new(&platform.auth_url, platform.transport)?),
+            Arc::new(AuthServiceKeys::new(
+                &platform.auth_url,
+                platform.transport,
+            )?),
             platform.tokens.clone(),
         );
         Ok(Self {
@@ -151,11 +154,15 @@ impl CatalogApp {
             self.config.warm_interval,
             shutdown.clone(),
         ));
-        let served = GrpcServer::new(&self.platform.server, self.platform.transport, &self.telemetry)
-            .with_identity(self.verifier)
-            .add_service(CatalogServiceServer::new(CatalogGrpc::new(self.service)))
-            .serve(listener, shutdown)
-            .await;
+        let served = GrpcServer::new(
+            &self.platform.server,
+            self.platform.transport,
+            &self.telemetry,
+        )
+        .with_identity(self.verifier)
+        .add_service(CatalogServiceServer::new(CatalogGrpc::new(self.service)))
+        .serve(listener, shutdown)
+        .await;
         warmer.abort();
         self.db.close().await;
         served

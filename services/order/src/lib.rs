@@ -124,7 +124,10 @@ impl OrderApp {
             relay_wake.clone(),
         );
         let verifier = TokenVerifier::new(
-            Arc::new(AuthServiceKeys::new(&platform.auth_url, platform.transport)?),
+            Arc::new(AuthServiceKeys::new(
+                &platform.auth_url,
+                platform.transport,
+            )?),
             platform.tokens.clone(),
         );
         Ok(Self {
@@ -224,14 +227,18 @@ impl OrderApp {
             background.clone(),
         ));
 
-        let served = GrpcServer::new(&self.platform.server, self.platform.transport, &self.telemetry)
-            .with_identity(self.verifier)
-            .add_service(OrderServiceServer::new(OrderGrpc::new(
-                self.service,
-                self.platform.server.request_timeout,
-            )))
-            .serve(listener, shutdown)
-            .await;
+        let served = GrpcServer::new(
+            &self.platform.server,
+            self.platform.transport,
+            &self.telemetry,
+        )
+        .with_identity(self.verifier)
+        .add_service(OrderServiceServer::new(OrderGrpc::new(
+            self.service,
+            self.platform.server.request_timeout,
+        )))
+        .serve(listener, shutdown)
+        .await;
         background.cancel();
         while tasks.join_next().await.is_some() {}
         self.db.close().await;
