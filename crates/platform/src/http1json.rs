@@ -664,3 +664,170 @@ fn ndjson_line(output: &MessageDescriptor, line: &[u8]) -> Result<Option<Dynamic
         .map(Some)
         .map_err(|e| Status::internal(format!("the upstream sent an invalid message: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    use tonic_types::{ErrorDetails, StatusExt};
+
+    use super::*;
+    use crate::{
+        config::{ServerConfig, Transport},
+        grpc::GrpcServer,
+        telemetry::Telemetry,
+        upstream::{UpstreamSettings, lazy_channel},
+    };
+
+    fn health_request(service: &str) -> DynamicMessage {
+        let mut message = DynamicMessage::new(rpc("/grpc.health.v1.Health/Check").unwrap().input());
+        message.set_field_by_name("service", prost_reflect::Value::String(service.to_owned()));
+        message
+    }
+
+    #[test]
+    fn frames_come_out_whole_however_they_are_split() {
+        let message = health_request("flashmesh.catalog.v1.CatalogService");
+        let framed = frame(&message);
+        let mut deframer = Deframer::default();
+        deframer.push(framed.slice(..7));
+        assert_eq!(deframer.next().unwrap(), None);
+        deframer.push(framed.slice(7..));
+        deframer.push(framed.clone());
+        for _ in 0..2 {
+            let payload = deframer.next().unwrap().expect("a whole message");
+            assert_eq!(payload, message.encode_to_vec());
+        }
+        assert_eq!(deframer.next().unwrap(), None);
+
+        let mut compressed = BytesMut::from(&framed[..]);
+        compressed[0] = 1;
+        deframer.push(compressed);
+        assert_eq!(deframer.next().unwrap_err().code(), Code::Internal);
+    }
+
+    #[test]
+    fn a_status_survives_json_with_its_details() {
+        let status = Status::with_error_details(
+            Code::FailedPrecondition,
+            "the deal is sold out",
+            ErrorDetails::with_error_info(
+                "SOLD_OUT",
+                "flashmesh.dev",
+                HashMap::from([("remainingStock".to_owned(), "0".to_owned())]),
+            ),
+        );
+        let json = status_json(&status);
+        assert_eq!(json["status"], "FAILED_PRECONDITION");
+        let back = status_from_json(&serde_json::from_str(&json.to_string()).unwrap());
+        assert_eq!(back.code(), Code::FailedPrecondition);
+        assert_eq!(back.message(), "the deal is sold out");
+        let info = back
+            .get_error_details()
+            .error_info()
+            .cloned()
+            .expect("ErrorInfo");
+        assert_eq!(info.reason, "SOLD_OUT");
+        assert_eq!(info.metadata["remainingStock"], "0");
+
+        let headers = grpc_trailers(&status);
+        let rebuilt = Status::from_header_map(&headers).expect("grpc-status");
+        assert_eq!(rebuilt.details(), status.details());
+    }
+
+    #[test]
+    fn ndjson_lines_carry_results_and_errors() {
+        let output = rpc("/grpc.health.v1.Health/Watch").unwrap().output();
+        let line = ndjson_line(&output, br#"{"result":{"status":"SERVING"}}"#)
+            .unwrap()
+            .expect("a message");
+        assert_eq!(
+            line.get_field_by_name("status").unwrap().as_enum_number(),
+            Some(ServingStatus::Serving as i32)
+        );
+        assert!(ndjson_line(&output, b" \n").unwrap().is_none());
+        let error = error_line(&Status::unavailable("draining"));
+        let status = ndjson_line(&output, &error).unwrap_err();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::Unavailable, "draining")
+        );
+        assert_eq!(
+            ndjson_line(&output, b"{\"nope\":1}").unwrap_err().code(),
+            Code::Internal
+        );
+    }
+
+    /// A health server and a tonic client over `transport`: what the
+    /// client saw for a known service, an unknown one, and a watch.
+    async fn health_over(transport: Transport) -> (ServingStatus, Code, ServingStatus) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let server = GrpcServer::new(
+            &ServerConfig::default(),
+            transport,
+            &Telemetry::disabled("test"),
+        );
+        let served = tokio::spawn(server.serve(listener, shutdown.clone()));
+        let settings = UpstreamSettings {
+            connect_timeout: Duration::from_secs(1),
+            call_timeout: Some(Duration::from_secs(5)),
+            refresh: Duration::from_secs(60),
+            transport,
+        };
+        let mut client = HealthClient::new(lazy_channel(&url, &settings).unwrap());
+        let known = client
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("the server answers")
+            .into_inner()
+            .status();
+        let unknown = client
+            .check(HealthCheckRequest {
+                service: "nope".to_owned(),
+            })
+            .await
+            .expect_err("an unknown service is NOT_FOUND")
+            .code();
+        let mut watch = client
+            .watch(HealthCheckRequest::default())
+            .await
+            .expect("a stream")
+            .into_inner();
+        let watched = watch
+            .message()
+            .await
+            .expect("a message")
+            .expect("not the end")
+            .status();
+        drop((watch, client));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+        (known, unknown, watched)
+    }
+
+    #[tokio::test]
+    async fn tonic_clients_see_the_same_answers_over_either_transport() {
+        for transport in [Transport::Grpc, Transport::Http1Json] {
+            assert_eq!(
+                health_over(transport).await,
+                (
+                    ServingStatus::Serving,
+                    Code::NotFound,
+                    ServingStatus::Serving
+                ),
+                "{transport:?}"
+            );
+        }
+    }
+}
