@@ -3,6 +3,10 @@
 //! shutdown, and the tower layers for observation (trace context, server
 //! span, RED metrics), caller identity, request timeout, concurrency limit
 //! and load shedding.
+//!
+//! With `FLASHMESH_TRANSPORT=http1-json` the same routes behind the same
+//! layers are served as JSON over plain HTTP/1.1 through
+//! [`crate::http1json::JsonAdapter`] instead.
 
 use std::{convert::Infallible, sync::Arc};
 
