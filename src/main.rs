@@ -25,7 +25,7 @@ use flashmesh_order::{
     config::OrderConfig,
 };
 use flashmesh_platform::{
-    config::{Env, PlatformConfig},
+    config::{Env, PlatformConfig, Transport},
     db::Database,
     identity::Role,
     metrics::{self, Metrics},
@@ -362,13 +362,27 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     } else {
         "in-process cache and limits"
     };
+    let (scheme, try_service) = match platform.transport {
+        Transport::Grpc => (
+            "grpc",
+            format!(
+                "grpcurl -plaintext {auth_addr} list\n  \
+                 grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
+                 {auth_addr} flashmesh.auth.v1.AuthService/SignUp\n  \
+                 grpcurl -plaintext {catalog_addr} flashmesh.catalog.v1.CatalogService/ListDeals"
+            ),
+        ),
+        Transport::Http1Json => (
+            "http",
+            format!(
+                "curl -s -XPOST -H 'content-type: application/json' -d '{{}}' \
+                 http://{catalog_addr}/flashmesh.catalog.v1.CatalogService/ListDeals"
+            ),
+        ),
+    };
     let banner = format!(
-        "flashmesh is up ({store}; {mode})\n  gateway  http://{gateway_addr}\n  auth     grpc://{auth_addr}\n  catalog  grpc://{catalog_addr}\n  order    grpc://{order_addr}\n  metrics  http://{metrics_addr}/metrics\n\n\
-         Try:\n  curl -s 'http://{gateway_addr}/v1/deals?states=DEAL_STATE_ACTIVE'\n  \
-         grpcurl -plaintext {auth_addr} list\n  \
-         grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}' \
-         {auth_addr} flashmesh.auth.v1.AuthService/SignUp\n  \
-         grpcurl -plaintext {catalog_addr} flashmesh.catalog.v1.CatalogService/ListDeals"
+        "flashmesh is up ({store}; {mode})\n  gateway  http://{gateway_addr}\n  auth     {scheme}://{auth_addr}\n  catalog  {scheme}://{catalog_addr}\n  order    {scheme}://{order_addr}\n  metrics  http://{metrics_addr}/metrics\n\n\
+         Try:\n  curl -s 'http://{gateway_addr}/v1/deals?states=DEAL_STATE_ACTIVE'\n  {try_service}"
     );
     // The banner is a courtesy: a closed stdout (`flashmesh up | head -1`)
     // must not stop the services, so a failed write is ignored.

@@ -27,6 +27,7 @@ use axum::{
 };
 use flashmesh_platform::{
     call::parse_grpc_timeout,
+    config::Transport,
     identity::{Caller, TokenError},
     upstream::{
         BalancedChannel, UpstreamSettings, UpstreamUrlError, balanced_channel, system_resolver,
@@ -76,11 +77,13 @@ impl Gateway {
         limiter: Arc<dyn RateLimiter>,
         config: GatewayConfig,
         dns_refresh: Duration,
+        transport: Transport,
     ) -> Result<Self, UpstreamUrlError> {
         let settings = UpstreamSettings {
             connect_timeout: CONNECT_TIMEOUT,
             call_timeout: None,
             refresh: dns_refresh,
+            transport,
         };
         let mut upstreams = HashMap::new();
         for upstream in &config.upstreams {

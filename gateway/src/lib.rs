@@ -56,8 +56,8 @@ pub enum StartError {
     Descriptors(#[from] prost_reflect::DescriptorError),
     #[error("the contracts' HTTP annotations are invalid: {0}")]
     Routes(#[from] transcode::RouteError),
-    #[error("FLASHMESH_AUTH_URL is not a valid URL: {0}")]
-    AuthUrl(#[from] http::uri::InvalidUri),
+    #[error("FLASHMESH_AUTH_URL: {0}")]
+    AuthUrl(#[source] flashmesh_platform::upstream::UpstreamUrlError),
     #[error(transparent)]
     Upstream(#[from] flashmesh_platform::upstream::UpstreamUrlError),
     #[error(transparent)]
@@ -100,7 +100,10 @@ impl GatewayApp {
         }
         let routes = RouteTable::from_descriptors(&pool, &[])?;
         let verifier = TokenVerifier::new(
-            Arc::new(AuthServiceKeys::new(&platform.auth_url)?),
+            Arc::new(
+                AuthServiceKeys::new(&platform.auth_url, platform.transport)
+                    .map_err(StartError::AuthUrl)?,
+            ),
             platform.tokens.clone(),
         );
         let auth = EdgeAuth::new(Arc::new(verifier), TOKEN_CACHE_CAPACITY);
@@ -112,6 +115,7 @@ impl GatewayApp {
             rate_limit::limiter(redis),
             config,
             platform.dns_refresh,
+            platform.transport,
         )
         .await?;
         Ok(Self {

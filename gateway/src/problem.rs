@@ -161,20 +161,11 @@ impl Problem {
         let message = status.message();
 
         let http = match status.code() {
-            Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
-            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Code::PermissionDenied => StatusCode::FORBIDDEN,
-            Code::NotFound => StatusCode::NOT_FOUND,
-            Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-            Code::FailedPrecondition => match reason {
-                Some(reason) if CONFLICT_REASONS.contains(&reason) => StatusCode::CONFLICT,
-                _ => StatusCode::BAD_REQUEST,
-            },
-            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            Code::Cancelled => client_closed_request(),
-            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-            Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+            Code::FailedPrecondition
+                if reason.is_some_and(|reason| CONFLICT_REASONS.contains(&reason)) =>
+            {
+                StatusCode::CONFLICT
+            }
             // OK is not a failure; reaching here with it is a gateway bug.
             Code::Ok | Code::Internal | Code::Unknown | Code::DataLoss => {
                 return Self::generic(
@@ -183,6 +174,7 @@ impl Problem {
                     "internal error",
                 );
             }
+            code => flashmesh_platform::error::http_status(code),
         };
 
         // Upstream transport failures (connect refused, ...) carry addresses
@@ -311,10 +303,6 @@ fn title(status: StatusCode) -> String {
         None if status.as_u16() == CLIENT_CLOSED_REQUEST => "Client Closed Request".to_owned(),
         None => status.as_str().to_owned(),
     }
-}
-
-fn client_closed_request() -> StatusCode {
-    StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST)
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use http::uri::PathAndQuery;
 use prost::Message as _;
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor,
-    MethodDescriptor, ReflectMessage, SerializeOptions, Value,
+    MethodDescriptor, ReflectMessage, Value,
 };
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -1287,17 +1287,10 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
 
 /// Proto3 JSON with proto field names, zero values emitted, 64-bit integers
 /// as strings, enums as names, Timestamps as RFC 3339.
+/// The encoding is the platform's, shared with the HTTP/1.1 JSON baseline.
 pub fn to_json(message: &DynamicMessage) -> Result<Vec<u8>, TranscodeError> {
-    let options = SerializeOptions::new()
-        .use_proto_field_name(true)
-        .skip_default_fields(false)
-        .stringify_64_bit_integers(true)
-        .use_enum_numbers(false);
-    let mut serializer = serde_json::Serializer::new(Vec::new());
-    message
-        .serialize_with_options(&mut serializer, &options)
-        .map_err(|e| TranscodeError::Serialize(e.to_string()))?;
-    Ok(serializer.into_inner())
+    flashmesh_platform::http1json::to_json(message)
+        .map_err(|e| TranscodeError::Serialize(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ use flashmesh_auth::{
     config::KeyLocation,
     keys::{SigningKeys, rotate},
 };
+use flashmesh_platform::config::Transport;
 use flashmesh_platform::identity::{
     AuthServiceKeys, BoxError, KeySource, Role, TokenError, TokenPolicy, TokenVerifier,
 };
@@ -466,7 +467,7 @@ async fn other_services_verify_tokens_with_jwks_over_grpc(backend: Backend) {
     let (_, tokens) = sign_up(&mut client).await;
 
     let source = Arc::new(CountingKeys {
-        inner: AuthServiceKeys::new(&auth.endpoint()).unwrap(),
+        inner: AuthServiceKeys::new(&auth.endpoint(), Transport::Grpc).unwrap(),
         fetches: AtomicUsize::new(0),
     });
     let verifier = TokenVerifier::new(source.clone(), policy(Duration::from_millis(300)));

@@ -981,3 +981,83 @@ impl OtlpReceiver {
         self.spans.lock().expect("spans").clone()
     }
 }
+
+// ---------------------------------------------------------------------------
+// Over HTTP, through the gateway
+// ---------------------------------------------------------------------------
+
+/// An HTTP/1.1 client, as outside callers use.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .timeout(std::time::Duration::from_secs(20))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// The status, content type and JSON body of `response`.
+pub async fn json_of(
+    response: reqwest::Response,
+) -> (reqwest::StatusCode, String, serde_json::Value) {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = response.text().await.expect("a body");
+    let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    (status, content_type, value)
+}
+
+/// Asserts a problem+json answer with `status` and `code`; returns it.
+pub async fn problem(
+    response: reqwest::Response,
+    status: reqwest::StatusCode,
+    code: &str,
+) -> serde_json::Value {
+    let (got, content_type, body) = json_of(response).await;
+    assert_eq!(got, status, "{body}");
+    assert_eq!(content_type, "application/problem+json", "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert!(
+        body["title"].is_string() && body["type"].is_string(),
+        "{body}"
+    );
+    body
+}
+
+/// Signs a fresh user up through the gateway and logs in; returns the tokens.
+pub async fn sign_up_and_login(
+    http: &reqwest::Client,
+    gateway: &GatewayReplica,
+) -> serde_json::Value {
+    let credentials = serde_json::json!({"email": unique_email(), "password": PASSWORD});
+    let (status, _, signed_up) = json_of(
+        http.post(gateway.url("/v1/auth/signup"))
+            .json(&credentials)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{signed_up}");
+    let (status, _, logged_in) = json_of(
+        http.post(gateway.url("/v1/auth/login"))
+            .json(&credentials)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{logged_in}");
+    logged_in["tokens"].clone()
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .expect("a time")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

@@ -4,10 +4,11 @@
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    Backend, GatewayReplica, OrderStack, PASSWORD, StackEnv, bad_tokens, now_ms, unique_email,
+    Backend, GatewayReplica, OrderStack, StackEnv, bad_tokens, http, json_of, now_ms, problem,
+    rfc3339, sign_up_and_login,
 };
 use futures::StreamExt;
-use reqwest::{Client, Response, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 on_both_backends!(
@@ -15,84 +16,28 @@ on_both_backends!(
     bad_requests_get_problem_json_and_never_reach_upstream,
 );
 
-async fn gateway_stack(env: &mut StackEnv) -> (OrderStack, GatewayReplica) {
+/// Auth, catalog, order and the gateway in front of them.
+pub async fn gateway_stack(env: &mut StackEnv) -> (OrderStack, GatewayReplica) {
     env.set("FLASHMESH_CONCURRENCY_LIMIT", "10000");
     let stack = env.start_orders().await;
     let gateway = env.start_gateway(&stack).await;
     (stack, gateway)
 }
 
-fn http() -> Client {
-    Client::builder()
-        .http1_only()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("an HTTP client")
-}
-
-async fn json_of(response: Response) -> (StatusCode, String, Value) {
-    let status = response.status();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let body = response.text().await.expect("a body");
-    let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
-    (status, content_type, value)
-}
-
-/// Asserts a problem+json answer with `status` and `code`; returns it.
-async fn problem(response: Response, status: StatusCode, code: &str) -> Value {
-    let (got, content_type, body) = json_of(response).await;
-    assert_eq!(got, status, "{body}");
-    assert_eq!(content_type, "application/problem+json", "{body}");
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status.as_u16(), "{body}");
-    assert!(
-        body["title"].is_string() && body["type"].is_string(),
-        "{body}"
-    );
-    body
-}
-
-async fn sign_up_and_login(http: &Client, gateway: &GatewayReplica) -> Value {
-    let credentials = json!({"email": unique_email(), "password": PASSWORD});
-    let (status, _, signed_up) = json_of(
-        http.post(gateway.url("/v1/auth/signup"))
-            .json(&credentials)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{signed_up}");
-    let (status, _, logged_in) = json_of(
-        http.post(gateway.url("/v1/auth/login"))
-            .json(&credentials)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{logged_in}");
-    logged_in["tokens"].clone()
-}
-
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .expect("a time")
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
 async fn a_buyer_goes_from_signup_to_order_over_http(backend: Backend) {
     let mut env = StackEnv::new(backend).await;
     let (stack, gateway) = gateway_stack(&mut env).await;
+    buyer_journey(&stack, &gateway).await;
+}
+
+/// Signup, login, refresh rotation, an admin's product and deal, buyers
+/// racing for it while an SSE client watches, SOLD_OUT as 409 problem+json,
+/// and an idempotent replay: everything through the gateway.
+pub async fn buyer_journey(stack: &OrderStack, gateway: &GatewayReplica) {
     let http = http();
 
     // Refresh rotation; presenting a spent refresh token revokes the family.
-    let tokens = sign_up_and_login(&http, &gateway).await;
+    let tokens = sign_up_and_login(&http, gateway).await;
     let first = tokens["refresh_token"].as_str().unwrap().to_owned();
     let (status, _, rotated) = json_of(
         http.post(gateway.url("/v1/auth/refresh"))
@@ -199,7 +144,7 @@ async fn a_buyer_goes_from_signup_to_order_over_http(backend: Backend) {
     let mut buyers = Vec::new();
     for _ in 0..4 {
         buyers.push(
-            sign_up_and_login(&http, &gateway).await["access_token"]
+            sign_up_and_login(&http, gateway).await["access_token"]
                 .as_str()
                 .unwrap()
                 .to_owned(),
@@ -464,7 +409,7 @@ async fn rate_limits_answer_429_with_headers_per_client() {
 
 /// Counts OK and 429 answers of `n` calls to `path` (as `bearer` if given).
 async fn allowed_of(
-    http: &Client,
+    http: &reqwest::Client,
     gateway: &GatewayReplica,
     path: &str,
     bearer: Option<&str>,

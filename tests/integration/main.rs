@@ -6,6 +6,7 @@
 mod common;
 
 mod auth;
+mod baseline;
 mod catalog;
 mod cli;
 mod deploy;

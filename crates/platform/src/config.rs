@@ -133,6 +133,30 @@ impl Env {
     }
 }
 
+/// How services serve their RPCs and how clients inside the stack call
+/// them (`FLASHMESH_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// gRPC over HTTP/2: one multiplexed connection per replica.
+    #[default]
+    Grpc,
+    /// The baseline: the same RPCs as proto3 JSON over plain HTTP/1.1, with
+    /// pooled keep-alive connections (see [`crate::http1json`]).
+    Http1Json,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "grpc" => Ok(Self::Grpc),
+            "http1-json" => Ok(Self::Http1Json),
+            _ => Err("expected grpc or http1-json".to_owned()),
+        }
+    }
+}
+
 /// Settings every service shares.
 #[derive(Debug, Clone)]
 pub struct PlatformConfig {
@@ -161,6 +185,9 @@ pub struct PlatformConfig {
     pub telemetry: TelemetryConfig,
     /// `FLASHMESH_METRICS_ADDR`: the admin listener serving `/metrics`.
     pub metrics_addr: SocketAddr,
+    /// `FLASHMESH_TRANSPORT`: what every server listens with and every
+    /// client inside the stack calls with.
+    pub transport: Transport,
 }
 
 /// How a gRPC server treats its requests and its shutdown.
@@ -240,6 +267,7 @@ impl PlatformConfig {
             dns_refresh: env.period_or("FLASHMESH_DNS_REFRESH", Duration::from_secs(5))?,
             telemetry: TelemetryConfig::from_env(env)?,
             metrics_addr: crate::metrics::metrics_addr(env)?,
+            transport: env.parse_or("FLASHMESH_TRANSPORT", Transport::Grpc)?,
         })
     }
 }
@@ -271,6 +299,20 @@ mod tests {
         let env = Env::from_pairs([("FLASHMESH_MAX_CONNECTION_AGE", "0s")]);
         let err = PlatformConfig::from_env(&env).unwrap_err();
         assert_eq!(err.var, "FLASHMESH_MAX_CONNECTION_AGE");
+
+        let env = Env::from_pairs([("FLASHMESH_TRANSPORT", "http2-json")]);
+        let err = PlatformConfig::from_env(&env).unwrap_err();
+        assert_eq!(err.var, "FLASHMESH_TRANSPORT");
+        assert!(err.reason.contains("grpc or http1-json"), "{err}");
+    }
+
+    #[test]
+    fn transport_defaults_to_grpc() {
+        let config = PlatformConfig::from_env(&Env::default()).unwrap();
+        assert_eq!(config.transport, Transport::Grpc);
+        let env = Env::from_pairs([("FLASHMESH_TRANSPORT", "http1-json")]);
+        let config = PlatformConfig::from_env(&env).unwrap();
+        assert_eq!(config.transport, Transport::Http1Json);
     }
 
     #[test]

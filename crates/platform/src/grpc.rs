@@ -3,6 +3,10 @@
 //! shutdown, and the tower layers for observation (trace context, server
 //! span, RED metrics), caller identity, request timeout, concurrency limit
 //! and load shedding.
+//!
+//! With `FLASHMESH_TRANSPORT=http1-json` the same routes behind the same
+//! layers are served as JSON over plain HTTP/1.1 through
+//! [`crate::http1json::JsonAdapter`] instead.
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -25,7 +29,8 @@ use tower::{
 };
 
 use crate::{
-    config::ServerConfig,
+    config::{ServerConfig, Transport},
+    http1json::JsonAdapter,
     identity::{IdentityLayer, TokenVerifier},
     observe::ServerObserveLayer,
     telemetry::Telemetry,
@@ -37,11 +42,14 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("the HTTP/1.1 JSON server cannot accept connections: {0}")]
+    Accept(#[from] std::io::Error),
 }
 
 /// Builds and runs one service's gRPC server.
 pub struct GrpcServer {
     config: ServerConfig,
+    transport: Transport,
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
     verifier: Option<Arc<TokenVerifier>>,
@@ -49,9 +57,11 @@ pub struct GrpcServer {
 }
 
 impl GrpcServer {
-    pub fn new(config: &ServerConfig, telemetry: &Telemetry) -> Self {
+    /// A server listening with `transport` (`FLASHMESH_TRANSPORT`).
+    pub fn new(config: &ServerConfig, transport: Transport, telemetry: &Telemetry) -> Self {
         Self {
             config: config.clone(),
+            transport,
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
             verifier: None,
@@ -91,6 +101,7 @@ impl GrpcServer {
     ) -> Result<(), ServeError> {
         let Self {
             config,
+            transport,
             mut routes,
             service_names,
             verifier,
@@ -149,6 +160,10 @@ impl GrpcServer {
                 draining.cancel();
             }
         };
+        if transport == Transport::Http1Json {
+            let service = JsonAdapter::new(layers.service(routes.routes()));
+            return serve_http1(listener, service, drain, config.shutdown_timeout).await;
+        }
         let server = Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             // Long-lived HTTP/2 connections would pin each client to the
@@ -170,14 +185,76 @@ impl GrpcServer {
                 draining.cancelled().await;
                 tokio::time::sleep(config.shutdown_timeout).await;
             } => {
-                tracing::warn!(
-                    timeout = ?config.shutdown_timeout,
-                    "in-flight calls outlived the shutdown timeout; abandoning them"
-                );
+                abandoned(config.shutdown_timeout);
                 Ok(())
             }
         }
     }
+}
+
+fn abandoned(timeout: std::time::Duration) {
+    tracing::warn!(
+        ?timeout,
+        "in-flight calls outlived the shutdown timeout; abandoning them"
+    );
+}
+
+/// The baseline: `service` over plain HTTP/1.1 (hyper's http1 only, with
+/// keep-alive) until `drain` completes, then in-flight calls get up to
+/// `shutdown_timeout` to finish.
+async fn serve_http1<S>(
+    listener: TcpListener,
+    service: S,
+    drain: impl std::future::Future<Output = ()>,
+    shutdown_timeout: std::time::Duration,
+) -> Result<(), ServeError>
+where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of descriptors and the like: keep serving the others.
+                Err(error) => {
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut drain => break,
+        };
+        stream.set_nodelay(true)?;
+        let connection = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(
+                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(service.clone()),
+            );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP/1.1 connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        abandoned(shutdown_timeout);
+    }
+    Ok(())
 }
 
 /// Every method of `services` and of the health service, as

@@ -19,9 +19,13 @@ use futures::future::BoxFuture;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
-use crate::error::{DomainError, to_status};
+use crate::{
+    config::Transport,
+    error::{DomainError, to_status},
+    upstream::{UpstreamChannel, UpstreamSettings, UpstreamUrlError, lazy_channel},
+};
 
 /// The only algorithm access tokens may use.
 pub const TOKEN_ALGORITHM: Algorithm = Algorithm::EdDSA;
@@ -124,19 +128,24 @@ pub trait KeySource: Send + Sync {
     async fn public_keys(&self) -> Result<Vec<Jwk>, BoxError>;
 }
 
-/// The auth service's `GetJwks`, over gRPC.
+/// The auth service's `GetJwks`, over `FLASHMESH_TRANSPORT`.
 pub struct AuthServiceKeys {
-    client: AuthServiceClient<Channel>,
+    client: AuthServiceClient<UpstreamChannel>,
 }
 
 impl AuthServiceKeys {
     /// Connects lazily to the auth service at `endpoint` (e.g.
     /// `http://127.0.0.1:50051`).
-    pub fn new(endpoint: &str) -> Result<Self, http::uri::InvalidUri> {
-        let channel = Channel::from_shared(endpoint.to_owned())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+    pub fn new(endpoint: &str, transport: Transport) -> Result<Self, UpstreamUrlError> {
+        let channel = lazy_channel(
+            endpoint,
+            &UpstreamSettings {
+                connect_timeout: Duration::from_secs(2),
+                call_timeout: Some(Duration::from_secs(5)),
+                refresh: Duration::from_secs(60),
+                transport,
+            },
+        )?;
         Ok(Self {
             client: AuthServiceClient::new(channel),
         })

@@ -1,6 +1,7 @@
 //! What every flashmesh service shares, written once: typed configuration,
 //! storage, Redis adapters, the gRPC server with its tower layers, the mapping
-//! from domain errors to gRPC statuses, and caller identity.
+//! from domain errors to gRPC statuses, caller identity, and the HTTP/1.1
+//! JSON baseline transport.
 
 pub mod cache;
 pub mod call;
@@ -8,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod grpc;
+pub mod http1json;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

@@ -2,6 +2,11 @@
 //! is an address, or a DNS name re-resolved every `refresh` (a Kubernetes
 //! headless Service, say), and calls are balanced per request over every
 //! address found, so new pods get calls and gone ones stop getting them.
+//!
+//! With `FLASHMESH_TRANSPORT=grpc` a channel is tonic's HTTP/2 balance
+//! channel; with `http1-json` it is a [`JsonChannel`] spreading calls round
+//! robin over pooled HTTP/1.1 connections to the same addresses. Either way
+//! it is a tower service of gRPC requests, so clients do not know which.
 
 use std::{
     collections::HashSet,
@@ -10,13 +15,32 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc,
+        Arc, PoisonError, RwLock, Weak,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
-use tonic::transport::{Channel, Endpoint, channel::Change};
+use tonic::{
+    Status,
+    body::Body,
+    transport::{Channel, Endpoint, channel::Change},
+};
+use tower::{ServiceExt, util::BoxCloneSyncService};
+
+use crate::{
+    config::Transport,
+    http1json::{JsonChannel, Targets},
+};
+
+/// A client channel of either transport: gRPC requests in, gRPC answers out.
+pub type UpstreamChannel = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Status>;
+
+/// A transport failure of tonic's channel as the status tonic's clients
+/// would report (a refused connection is UNAVAILABLE).
+fn channel_status(error: tonic::transport::Error) -> Status {
+    Status::from_error(Box::new(error))
+}
 
 /// How the channel's connections behave.
 #[derive(Debug, Clone)]
@@ -26,6 +50,8 @@ pub struct UpstreamSettings {
     pub call_timeout: Option<Duration>,
     /// How often DNS names are looked up again.
     pub refresh: Duration,
+    /// `FLASHMESH_TRANSPORT`: gRPC or the HTTP/1.1 JSON baseline.
+    pub transport: Transport,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +110,14 @@ impl Target {
         })
     }
 
+    /// `scheme://host:port`, what paths are appended to.
+    fn base(&self) -> String {
+        match self.literal() {
+            Some(addr) => format!("{}://{addr}", self.scheme),
+            None => format!("{}://{}:{}", self.scheme, self.host, self.port),
+        }
+    }
+
     fn literal(&self) -> Option<SocketAddr> {
         self.host
             .parse::<IpAddr>()
@@ -95,7 +129,7 @@ impl Target {
 /// A channel over every address its URLs resolve to.
 #[derive(Clone)]
 pub struct BalancedChannel {
-    pub channel: Channel,
+    pub channel: UpstreamChannel,
     endpoints: Arc<AtomicUsize>,
 }
 
@@ -119,12 +153,27 @@ pub async fn balanced_channel(
         .iter()
         .map(|url| Target::parse(url))
         .collect::<Result<Vec<_>, _>>()?;
-    let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
+    let (channel, sink) = match settings.transport {
+        Transport::Grpc => {
+            let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
+            (
+                UpstreamChannel::new(channel.map_err(channel_status)),
+                Sink::Grpc(changes),
+            )
+        }
+        Transport::Http1Json => {
+            let targets = Targets::default();
+            (
+                json_channel(targets.clone(), settings),
+                Sink::Json(Arc::downgrade(&targets)),
+            )
+        }
+    };
     let mut directory = Directory {
         targets,
         resolver,
         settings: settings.clone(),
-        changes,
+        sink,
         known: HashSet::new(),
         endpoints: Arc::new(AtomicUsize::new(0)),
     };
@@ -134,12 +183,58 @@ pub async fn balanced_channel(
     Ok(BalancedChannel { channel, endpoints })
 }
 
+/// A channel to the one `url`, connecting on first use; its host name is
+/// resolved by the connector, not re-resolved in the background.
+pub fn lazy_channel(
+    url: &str,
+    settings: &UpstreamSettings,
+) -> Result<UpstreamChannel, UpstreamUrlError> {
+    let target = Target::parse(url)?;
+    Ok(match settings.transport {
+        Transport::Grpc => {
+            let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| UpstreamUrlError {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?;
+            UpstreamChannel::new(
+                configure(endpoint, settings)
+                    .connect_lazy()
+                    .map_err(channel_status),
+            )
+        }
+        Transport::Http1Json => json_channel(Arc::new(RwLock::new(vec![target.base()])), settings),
+    })
+}
+
+fn json_channel(targets: Targets, settings: &UpstreamSettings) -> UpstreamChannel {
+    UpstreamChannel::new(JsonChannel::new(
+        targets,
+        settings.connect_timeout,
+        settings.call_timeout,
+    ))
+}
+
+/// Where a directory publishes the addresses it found.
+enum Sink {
+    Grpc(tokio::sync::mpsc::Sender<Change<SocketAddr, Endpoint>>),
+    Json(Weak<RwLock<Vec<String>>>),
+}
+
+impl Sink {
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::Grpc(changes) => changes.is_closed(),
+            Self::Json(targets) => targets.strong_count() == 0,
+        }
+    }
+}
+
 /// Keeps a balanced channel's endpoints in step with what its URLs resolve to.
 struct Directory {
     targets: Vec<Target>,
     resolver: Resolver,
     settings: UpstreamSettings,
-    changes: tokio::sync::mpsc::Sender<Change<SocketAddr, Endpoint>>,
+    sink: Sink,
     known: HashSet<SocketAddr>,
     endpoints: Arc<AtomicUsize>,
 }
@@ -160,31 +255,46 @@ impl Directory {
     /// Resolves once and applies the difference; `false` once the channel
     /// is gone.
     async fn refresh(&mut self) -> bool {
-        if self.changes.is_closed() {
+        if self.sink.is_closed() {
             return false;
         }
         let Some(found) = resolve_all(&self.targets, &self.resolver).await else {
             return true;
         };
         let (added, removed) = diff(&self.known, &found);
-        for addr in removed {
-            self.known.remove(&addr);
-            if self.changes.send(Change::Remove(addr)).await.is_err() {
-                return false;
+        match &self.sink {
+            Sink::Grpc(changes) => {
+                for addr in removed {
+                    self.known.remove(&addr);
+                    if changes.send(Change::Remove(addr)).await.is_err() {
+                        return false;
+                    }
+                }
+                for (addr, scheme) in added {
+                    let Ok(endpoint) = endpoint(scheme, addr, &self.settings) else {
+                        continue;
+                    };
+                    self.known.insert(addr);
+                    if changes.send(Change::Insert(addr, endpoint)).await.is_err() {
+                        return false;
+                    }
+                }
             }
-        }
-        for (addr, scheme) in added {
-            let Ok(endpoint) = endpoint(scheme, addr, &self.settings) else {
-                continue;
-            };
-            self.known.insert(addr);
-            if self
-                .changes
-                .send(Change::Insert(addr, endpoint))
-                .await
-                .is_err()
-            {
-                return false;
+            Sink::Json(targets) => {
+                let Some(targets) = targets.upgrade() else {
+                    return false;
+                };
+                for addr in removed {
+                    self.known.remove(&addr);
+                }
+                self.known.extend(added.iter().map(|(addr, _)| *addr));
+                let mut seen = HashSet::new();
+                let bases = found
+                    .iter()
+                    .filter(|(addr, _)| seen.insert(*addr))
+                    .map(|(addr, scheme)| format!("{scheme}://{addr}"))
+                    .collect();
+                *targets.write().unwrap_or_else(PoisonError::into_inner) = bases;
             }
         }
         self.endpoints.store(self.known.len(), Ordering::Relaxed);
@@ -241,14 +351,21 @@ fn endpoint(
     addr: SocketAddr,
     settings: &UpstreamSettings,
 ) -> Result<Endpoint, tonic::transport::Error> {
-    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+    Ok(configure(
+        Endpoint::from_shared(format!("{scheme}://{addr}"))?,
+        settings,
+    ))
+}
+
+fn configure(endpoint: Endpoint, settings: &UpstreamSettings) -> Endpoint {
+    let endpoint = endpoint
         .connect_timeout(settings.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30));
-    Ok(match settings.call_timeout {
+    match settings.call_timeout {
         Some(timeout) => endpoint.timeout(timeout),
         None => endpoint,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -301,7 +418,7 @@ mod tests {
     }
 
     /// How many of `n` calls reached the SERVING replica and the other one.
-    async fn spread(channel: &Channel, n: usize) -> (usize, usize) {
+    async fn spread(channel: &UpstreamChannel, n: usize) -> (usize, usize) {
         let mut client = HealthClient::new(channel.clone());
         let mut counts = (0, 0);
         for _ in 0..n {
@@ -337,6 +454,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             call_timeout: Some(Duration::from_secs(5)),
             refresh: Duration::from_millis(50),
+            transport: Transport::Grpc,
         };
         let balanced = balanced_channel(
             &["http://catalog.test:50052".to_owned()],
@@ -374,6 +492,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             call_timeout: None,
             refresh: Duration::from_secs(60),
+            transport: Transport::Grpc,
         };
         let balanced = balanced_channel(&["http://nowhere.test".to_owned()], &settings, resolver)
             .await

@@ -103,11 +103,15 @@ impl AuthApp {
     ) -> Result<(), ServeError> {
         // The auth service verifies its own tokens with the keys it holds.
         let verifier = TokenVerifier::new(self.keys.clone(), self.platform.tokens.clone());
-        let served = GrpcServer::new(&self.platform.server, &self.telemetry)
-            .with_identity(Arc::new(verifier))
-            .add_service(AuthServiceServer::new(AuthGrpc::new(self.service)))
-            .serve(listener, shutdown)
-            .await;
+        let served = GrpcServer::new(
+            &self.platform.server,
+            self.platform.transport,
+            &self.telemetry,
+        )
+        .with_identity(Arc::new(verifier))
+        .add_service(AuthServiceServer::new(AuthGrpc::new(self.service)))
+        .serve(listener, shutdown)
+        .await;
         self.db.close().await;
         served
     }

@@ -29,6 +29,7 @@ use flashmesh_platform::{
     pubsub::bus,
     redis::RedisHandle,
     telemetry::Telemetry,
+    upstream::UpstreamUrlError,
 };
 use flashmesh_proto::catalog::v1::catalog_service_server::CatalogServiceServer;
 use sqlx::migrate::Migrator;
@@ -56,8 +57,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     PageSecret(#[from] PageSecretError),
-    #[error("FLASHMESH_AUTH_URL is not a valid URL: {0}")]
-    AuthUrl(#[from] http::uri::InvalidUri),
+    #[error("FLASHMESH_AUTH_URL: {0}")]
+    AuthUrl(#[from] UpstreamUrlError),
 }
 
 /// A ready-to-serve catalog service.
@@ -124,7 +125,10 @@ impl CatalogApp {
             config.clone(),
         );
         let verifier = TokenVerifier::new(
-            Arc::new(AuthServiceKeys::new(&platform.auth_url)?),
+            Arc::new(AuthServiceKeys::new(
+                &platform.auth_url,
+                platform.transport,
+            )?),
             platform.tokens.clone(),
         );
         Ok(Self {
@@ -150,11 +154,15 @@ impl CatalogApp {
             self.config.warm_interval,
             shutdown.clone(),
         ));
-        let served = GrpcServer::new(&self.platform.server, &self.telemetry)
-            .with_identity(self.verifier)
-            .add_service(CatalogServiceServer::new(CatalogGrpc::new(self.service)))
-            .serve(listener, shutdown)
-            .await;
+        let served = GrpcServer::new(
+            &self.platform.server,
+            self.platform.transport,
+            &self.telemetry,
+        )
+        .with_identity(self.verifier)
+        .add_service(CatalogServiceServer::new(CatalogGrpc::new(self.service)))
+        .serve(listener, shutdown)
+        .await;
         warmer.abort();
         self.db.close().await;
         served

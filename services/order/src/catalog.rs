@@ -10,6 +10,7 @@ use std::{
 };
 
 use flashmesh_platform::{
+    config::Transport,
     metrics::Metrics,
     observe::ClientTraceLayer,
     telemetry::{self, Attribute},
@@ -180,6 +181,8 @@ pub struct CatalogClientSettings {
     /// `dns_refresh` and calls balanced over every address.
     pub urls: Vec<String>,
     pub dns_refresh: Duration,
+    /// `FLASHMESH_TRANSPORT`: gRPC or the HTTP/1.1 JSON baseline.
+    pub transport: Transport,
     pub call_timeout: Duration,
     pub retries: u32,
     pub breaker_open_for: Duration,
@@ -199,6 +202,7 @@ impl CatalogClient {
                 connect_timeout: Duration::from_secs(1),
                 call_timeout: Some(settings.call_timeout),
                 refresh: settings.dns_refresh,
+                transport: settings.transport,
             },
             system_resolver(),
         )
@@ -258,7 +262,7 @@ impl CatalogClient {
                 });
             })
             .failure_classifier(
-                |result: &Result<http::Response<Body>, tonic::transport::Error>| match result {
+                |result: &Result<http::Response<Body>, Status>| match result {
                     Err(_) => true,
                     Ok(response) => matches!(
                         response.headers().get("grpc-status").map(|v| v.as_bytes()),
@@ -447,8 +451,8 @@ fn classify(status: Status) -> CatalogCallError {
 }
 
 /// The breaker's refusal as a status the client can recognise; transport
-/// errors pass through for tonic to map (connection refused → UNAVAILABLE).
-fn breaker_status(error: CircuitBreakerError<tonic::transport::Error>) -> Status {
+/// errors arrive mapped already (connection refused → UNAVAILABLE).
+fn breaker_status(error: CircuitBreakerError<Status>) -> Status {
     match error {
         CircuitBreakerError::OpenCircuit => {
             let mut status = Status::unavailable("the catalog circuit breaker is open");
@@ -457,7 +461,7 @@ fn breaker_status(error: CircuitBreakerError<tonic::transport::Error>) -> Status
                 .insert(BREAKER_OPEN, MetadataValue::from_static("1"));
             status
         }
-        CircuitBreakerError::Inner(e) => Status::from_error(Box::new(e)),
+        CircuitBreakerError::Inner(status) => status,
     }
 }
 

@@ -34,6 +34,7 @@ use flashmesh_platform::{
     redis::RedisHandle,
     streams::{ConsumerSettings, EventStream, TracedHandler, run_consumer, unique_consumer_name},
     telemetry::Telemetry,
+    upstream::UpstreamUrlError,
 };
 use flashmesh_proto::order::v1::order_service_server::OrderServiceServer;
 use prometheus_client::metrics::gauge::Gauge;
@@ -63,8 +64,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     PageSecret(#[from] PageSecretError),
-    #[error("FLASHMESH_AUTH_URL is not a valid URL: {0}")]
-    AuthUrl(#[from] http::uri::InvalidUri),
+    #[error("FLASHMESH_AUTH_URL: {0}")]
+    AuthUrl(#[from] UpstreamUrlError),
     #[error(transparent)]
     Catalog(#[from] CatalogClientError),
 }
@@ -104,6 +105,7 @@ impl OrderApp {
                     .filter(|url| !url.is_empty())
                     .collect(),
                 dns_refresh: platform.dns_refresh,
+                transport: platform.transport,
                 call_timeout: config.catalog_timeout,
                 retries: config.catalog_retries,
                 breaker_open_for: config.breaker_open_for,
@@ -122,7 +124,10 @@ impl OrderApp {
             relay_wake.clone(),
         );
         let verifier = TokenVerifier::new(
-            Arc::new(AuthServiceKeys::new(&platform.auth_url)?),
+            Arc::new(AuthServiceKeys::new(
+                &platform.auth_url,
+                platform.transport,
+            )?),
             platform.tokens.clone(),
         );
         Ok(Self {
@@ -222,14 +227,18 @@ impl OrderApp {
             background.clone(),
         ));
 
-        let served = GrpcServer::new(&self.platform.server, &self.telemetry)
-            .with_identity(self.verifier)
-            .add_service(OrderServiceServer::new(OrderGrpc::new(
-                self.service,
-                self.platform.server.request_timeout,
-            )))
-            .serve(listener, shutdown)
-            .await;
+        let served = GrpcServer::new(
+            &self.platform.server,
+            self.platform.transport,
+            &self.telemetry,
+        )
+        .with_identity(self.verifier)
+        .add_service(OrderServiceServer::new(OrderGrpc::new(
+            self.service,
+            self.platform.server.request_timeout,
+        )))
+        .serve(listener, shutdown)
+        .await;
         background.cancel();
         while tasks.join_next().await.is_some() {}
         self.db.close().await;
