@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use flashmesh_proto::{auth::v1::GetMeRequest, catalog::v1::GetDealRequest};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt, future::BoxFuture};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -127,26 +127,7 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
     .await?;
 
     let mut rows = Vec::new();
-    let http = |url: String, bearer: Option<String>| {
-        let callers = options.callers;
-        let clients: Arc<Vec<reqwest::Client>> = Arc::new(
-            (0..callers)
-                .map(|_| {
-                    reqwest::Client::builder()
-                        .http1_only()
-                        .pool_max_idle_per_host(1)
-                        .build()
-                        .expect("HTTP client")
-                })
-                .collect(),
-        );
-        let (url, bearer) = (Arc::new(url), Arc::new(bearer));
-        move |i: usize| {
-            let client = clients[i % callers].clone();
-            let (url, bearer) = (url.clone(), bearer.clone());
-            async move { http_get(&client, &url, bearer.as_deref()).await }
-        }
-    };
+    let http = |url: String, bearer: Option<String>| http_callers(options.callers, url, bearer);
     let deal_path = format!("/v1/deals/{deal}");
     let hop_deal_path = format!("/deals/{deal}");
     let bearer_str = bearer.to_str()?.to_owned();
@@ -237,7 +218,34 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn http_get(
+/// `GET url` (with `authorization: bearer` if given) for caller `i` of
+/// `callers`, each with its own client and so its own HTTP/1.1 keep-alive
+/// connection.
+pub(crate) fn http_callers(
+    callers: usize,
+    url: String,
+    bearer: Option<String>,
+) -> impl Fn(usize) -> BoxFuture<'static, Result<Outcome, Status>> + Clone {
+    let clients: Arc<Vec<reqwest::Client>> = Arc::new(
+        (0..callers)
+            .map(|_| {
+                reqwest::Client::builder()
+                    .http1_only()
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .expect("HTTP client")
+            })
+            .collect(),
+    );
+    let (url, bearer) = (Arc::new(url), Arc::new(bearer));
+    move |i: usize| {
+        let client = clients[i % clients.len()].clone();
+        let (url, bearer) = (url.clone(), bearer.clone());
+        async move { http_get(&client, &url, bearer.as_deref()).await }.boxed()
+    }
+}
+
+async fn http_get(
     client: &reqwest::Client,
     url: &str,
     bearer: Option<&str>,

@@ -35,7 +35,7 @@ use tonic::Status;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::{
-    gateway::{http_get, process_cpu_ticks, ticks_per_second},
+    gateway::{http_callers, process_cpu_ticks, ticks_per_second},
     run::{Row, ms_at, run},
     stack::{Backends, Mode, Stack},
 };
@@ -139,30 +139,18 @@ async fn measure(
 ) -> anyhow::Result<Measured> {
     let pid = stack.child.id().context("running")?;
     let deal = stack.create_deal(1_000_000, 1_000_000).await?;
-    let url = Arc::new(format!("http://{}/v1/deals/{deal}", stack.gateway_addr));
-    let clients: Arc<Vec<reqwest::Client>> = Arc::new(
-        (0..options.callers)
-            .map(|_| {
-                reqwest::Client::builder()
-                    .http1_only()
-                    .pool_max_idle_per_host(1)
-                    .build()
-                    .expect("HTTP client")
-            })
-            .collect(),
+    let call = http_callers(
+        options.callers,
+        format!("http://{}/v1/deals/{deal}", stack.gateway_addr),
+        None,
     );
-    let call = |i: usize| {
-        let client = clients[i % clients.len()].clone();
-        let url = url.clone();
-        async move { http_get(&client, &url, None).await }
-    };
     // Warm-up: connections, caches, lazily built state.
     run(
         "GetDeal via gateway (warm-up)",
         Mode::RedisGate,
         options.callers,
         Duration::from_secs(2),
-        call,
+        call.clone(),
     )
     .await;
     // Spans of the warm-up still in the exporter's queue.

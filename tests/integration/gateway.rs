@@ -24,6 +24,27 @@ pub async fn gateway_stack(env: &mut StackEnv) -> (OrderStack, GatewayReplica) {
     (stack, gateway)
 }
 
+/// The gateway stack with an open deal of 10 units, at most 2 per buyer.
+async fn gateway_with_open_deal(
+    env: &mut StackEnv,
+) -> (
+    OrderStack,
+    GatewayReplica,
+    flashmesh_proto::catalog::v1::Deal,
+) {
+    let (stack, gateway) = gateway_stack(env).await;
+    let mut catalog = stack.catalog.catalog_client().await;
+    let deal = crate::common::create_deal(
+        &mut catalog,
+        &stack.catalog.admin_token,
+        10,
+        2,
+        crate::common::open_window(),
+    )
+    .await;
+    (stack, gateway, deal)
+}
+
 async fn a_buyer_goes_from_signup_to_order_over_http(backend: Backend) {
     let mut env = StackEnv::new(backend).await;
     let (stack, gateway) = gateway_stack(&mut env).await;
@@ -467,16 +488,7 @@ async fn routes_can_have_limits_of_their_own_per_caller() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_come_as_ndjson_when_asked() {
     let mut env = StackEnv::new(Backend::Embedded).await;
-    let (stack, gateway) = gateway_stack(&mut env).await;
-    let mut catalog = stack.catalog.catalog_client().await;
-    let deal = crate::common::create_deal(
-        &mut catalog,
-        &stack.catalog.admin_token,
-        10,
-        2,
-        crate::common::open_window(),
-    )
-    .await;
+    let (_stack, gateway, deal) = gateway_with_open_deal(&mut env).await;
     let response = http()
         .get(gateway.url(&format!("/v1/deals/{}/events", deal.id)))
         .header("accept", "application/x-ndjson")
@@ -506,16 +518,7 @@ async fn streams_come_as_ndjson_when_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_are_compressed_small_ones_are_not() {
     let mut env = StackEnv::new(Backend::Embedded).await;
-    let (stack, gateway) = gateway_stack(&mut env).await;
-    let mut catalog = stack.catalog.catalog_client().await;
-    let deal = crate::common::create_deal(
-        &mut catalog,
-        &stack.catalog.admin_token,
-        10,
-        2,
-        crate::common::open_window(),
-    )
-    .await;
+    let (_stack, gateway, deal) = gateway_with_open_deal(&mut env).await;
     let http = http();
     for (encoding, path, compressed) in [
         ("gzip", "/openapi.json".to_owned(), true),
@@ -543,16 +546,7 @@ async fn large_answers_are_compressed_small_ones_are_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_end_upstream_when_their_clients_leave() {
     let mut env = StackEnv::new(Backend::Embedded).await;
-    let (stack, gateway) = gateway_stack(&mut env).await;
-    let mut catalog = stack.catalog.catalog_client().await;
-    let deal = crate::common::create_deal(
-        &mut catalog,
-        &stack.catalog.admin_token,
-        10,
-        2,
-        crate::common::open_window(),
-    )
-    .await;
+    let (stack, gateway, deal) = gateway_with_open_deal(&mut env).await;
     let url = gateway.url(&format!("/v1/deals/{}/events", deal.id));
     let mut open = Vec::new();
     for n in 0..200 {
