@@ -25,7 +25,7 @@ pub async fn gateway_stack(env: &mut StackEnv) -> (OrderStack, GatewayReplica) {
 }
 
 /// The gateway stack with an open deal of 10 units, at most 2 per buyer.
-async fn gateway_with_open_deal(
+pub async fn gateway_with_open_deal(
     env: &mut StackEnv,
 ) -> (
     OrderStack,

@@ -13,8 +13,9 @@ use flashmesh_platform::metrics;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{
-    Backend, OtlpReceiver, ReceivedSpan, StackEnv, create_deal, open_window, repo_root, sign_up,
+use crate::{
+    common::{Backend, OtlpReceiver, ReceivedSpan, StackEnv, repo_root, sign_up},
+    gateway::gateway_with_open_deal,
 };
 
 on_both_backends!(
@@ -38,8 +39,7 @@ async fn one_order_is_one_trace_and_counted_once(backend: Backend) {
     let mut env = StackEnv::new(backend).await;
     env.set("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint());
     env.set("OTEL_BSP_SCHEDULE_DELAY", "100");
-    let stack = env.start_orders().await;
-    let gateway = env.start_gateway(&stack).await;
+    let (stack, gateway, deal) = gateway_with_open_deal(&mut env).await;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -51,15 +51,6 @@ async fn one_order_is_one_trace_and_counted_once(backend: Backend) {
         admin_stop.clone(),
     ));
 
-    let mut catalog = stack.catalog.catalog_client().await;
-    let deal = create_deal(
-        &mut catalog,
-        &stack.catalog.admin_token,
-        10,
-        2,
-        open_window(),
-    )
-    .await;
     let (_, tokens) = sign_up(&mut stack.catalog.auth.auth_client().await).await;
 
     let http = reqwest::Client::new();
@@ -252,17 +243,7 @@ async fn sampling_is_decided_once_at_the_root(backend: Backend) {
     env.set("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint());
     env.set("OTEL_TRACES_SAMPLER", "parentbased_traceidratio");
     env.set("OTEL_TRACES_SAMPLER_ARG", "0");
-    let stack = env.start_orders().await;
-    let gateway = env.start_gateway(&stack).await;
-    let mut catalog = stack.catalog.catalog_client().await;
-    let deal = create_deal(
-        &mut catalog,
-        &stack.catalog.admin_token,
-        10,
-        2,
-        open_window(),
-    )
-    .await;
+    let (_stack, gateway, deal) = gateway_with_open_deal(&mut env).await;
     let http = reqwest::Client::new();
     let get = |traceparent: Option<&'static str>| {
         let mut request = http.get(gateway.url(&format!("/v1/deals/{}", deal.id)));
