@@ -161,6 +161,24 @@ async fn wait_for_signal() {
     drop(tokio::signal::ctrl_c().await);
 }
 
+/// Runs `tick` every `interval` (the first at once; a slow tick delays the
+/// next rather than bunching them) until `shutdown` is cancelled.
+pub async fn every<F, Fut>(interval: std::time::Duration, shutdown: CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        tick().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};

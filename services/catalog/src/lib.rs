@@ -175,15 +175,10 @@ async fn prepare_upcoming_deals(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    flashmesh_platform::runtime::every(interval, shutdown, || async {
         if let Err(e) = service.prepare_upcoming(ahead).await {
             tracing::warn!(error = %e, "upcoming deals not prepared");
         }
-    }
+    })
+    .await;
 }

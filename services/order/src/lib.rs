@@ -247,17 +247,12 @@ impl OrderApp {
 }
 
 async fn sweep(service: Arc<OrderService>, interval: Duration, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    flashmesh_platform::runtime::every(interval, shutdown, || async {
         if let Err(e) = service.sweep().await {
             tracing::warn!(error = %e, "order sweep failed");
         }
-    }
+    })
+    .await;
 }
 
 /// Keeps `flashmesh_outbox_pending`, `flashmesh_outbox_lag_seconds` (age of
@@ -284,13 +279,7 @@ async fn observe_events(
         "Order events dead-lettered (the .dlq stream, or the dead_letters table without Redis)",
         Gauge::<i64>::default,
     );
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    flashmesh_platform::runtime::every(interval, shutdown, || async {
         match store.outbox_backlog().await {
             Ok((count, oldest)) => {
                 pending.set(count);
@@ -314,5 +303,6 @@ async fn observe_events(
             }
             Err(error) => tracing::debug!(%error, "dead letters not counted"),
         }
-    }
+    })
+    .await;
 }
