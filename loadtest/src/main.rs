@@ -135,7 +135,11 @@ enum Bench {
         #[arg(long, default_value_t = 32)]
         vus: usize,
         /// Comma-separated: browse, auth, history, journey, rush, reserve.
-        #[arg(long, value_delimiter = ',', default_value = "browse,auth,history,journey,rush,reserve")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "browse,auth,history,journey,rush,reserve"
+        )]
         scenarios: Vec<Scenario>,
         /// Comma-separated transports: grpc, http1-json.
         #[arg(long, value_delimiter = ',', default_value = "grpc,http1-json")]

@@ -10,14 +10,14 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use flashmesh_platform::{
+    config::Transport,
+    upstream::{UpstreamChannel, UpstreamSettings, lazy_channel},
+};
 use flashmesh_proto::{
     auth::v1::{LoginRequest, SignUpRequest, auth_service_client::AuthServiceClient},
     catalog::v1::{self as pb, catalog_service_client::CatalogServiceClient},
     order::v1::order_service_client::OrderServiceClient,
-};
-use flashmesh_platform::{
-    config::Transport,
-    upstream::{UpstreamChannel, UpstreamSettings, lazy_channel},
 };
 use futures::{StreamExt, TryStreamExt};
 use sqlx::{Connection, Executor, PgConnection};
@@ -76,10 +76,7 @@ pub struct Stack {
     pub processes: Vec<StackProcess>,
     /// The stack's own database (DATABASE_URL of its processes).
     pub database_url: String,
-    database: String,
-    admin_url: String,
-    /// Redis URL and key prefix, when the stack uses Redis.
-    redis: Option<(String, String)>,
+    storage: Storage,
     /// The edge gateway's HTTP address.
     pub gateway_addr: String,
     pub auth_addr: String,
@@ -172,9 +169,7 @@ const USER_PASSWORD: &str = "bench user password";
 /// directory, admin and the order service's token.
 struct Prepared {
     database_url: String,
-    database: String,
-    admin_url: String,
-    redis: Option<(String, String)>,
+    storage: Storage,
     admin_email: String,
     order_token: String,
     binary: PathBuf,
@@ -192,31 +187,18 @@ impl Prepared {
         backends: &Backends,
         extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let admin_url = backends.database_url.as_str();
-        let database = format!("flashmesh_bench_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(admin_url)
-            .await
-            .with_context(|| format!("PostgreSQL at {admin_url} (DATABASE_URL)"))?;
-        admin
-            .execute(format!(r#"CREATE DATABASE "{database}""#).as_str())
-            .await
-            .with_context(|| format!("creating database {database}"))?;
-        admin.close().await?;
+        let storage = Storage::create(backends, mode == Mode::RedisGate).await?;
         let data_dir = tempfile::tempdir()?;
-        let mut url = url::Url::parse(admin_url).context("DATABASE_URL")?;
-        url.set_path(&database);
+        let mut url = url::Url::parse(&storage.admin_url).context("DATABASE_URL")?;
+        url.set_path(&storage.database);
         let database_url = url.to_string();
         let mut env = stack_env(&database_url, data_dir.path());
-        let mut redis = None;
-        match mode {
-            Mode::RedisGate => {
-                let prefix = format!("flashmesh-bench:{}:", uuid::Uuid::new_v4().simple());
-                env.push(("REDIS_URL".into(), backends.redis_url.clone()));
-                env.push(("FLASHMESH_REDIS_KEY_PREFIX".into(), prefix.clone()));
-                redis = Some((backends.redis_url.clone(), prefix));
-            }
-            Mode::DatabaseOnly => {}
-            Mode::ColdCache => env.push(("FLASHMESH_CACHE_L1_TTL".into(), "1ms".into())),
+        if let Some((url, prefix)) = &storage.redis {
+            env.push(("REDIS_URL".into(), url.clone()));
+            env.push(("FLASHMESH_REDIS_KEY_PREFIX".into(), prefix.clone()));
+        }
+        if mode == Mode::ColdCache {
+            env.push(("FLASHMESH_CACHE_L1_TTL".into(), "1ms".into()));
         }
         env.extend(extra_env.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())));
 
@@ -234,9 +216,13 @@ impl Prepared {
         if !create_admin.wait().await?.success() {
             bail!("flashmesh admin failed");
         }
-        let token = command(&binary, &["token", "--service", "order", "--ttl", "1h"], &env)
-            .output()
-            .await?;
+        let token = command(
+            &binary,
+            &["token", "--service", "order", "--ttl", "1h"],
+            &env,
+        )
+        .output()
+        .await?;
         if !token.status.success() {
             bail!(
                 "flashmesh token failed: {}",
@@ -246,9 +232,7 @@ impl Prepared {
         let order_token = String::from_utf8(token.stdout)?.trim().to_owned();
         Ok(Self {
             database_url,
-            database,
-            admin_url: admin_url.to_owned(),
-            redis,
+            storage,
             admin_email,
             order_token,
             binary,
@@ -279,9 +263,7 @@ impl Prepared {
         Ok(Stack {
             processes,
             database_url: self.database_url,
-            database: self.database,
-            admin_url: self.admin_url,
-            redis: self.redis,
+            storage: self.storage,
             gateway_addr,
             auth_addr,
             catalog_addr,
@@ -332,7 +314,14 @@ impl Stack {
                 break;
             }
         }
-        let [Some(gateway), Some(auth), Some(catalog), Some(order), Some(metrics)] = addrs else {
+        let [
+            Some(gateway),
+            Some(auth),
+            Some(catalog),
+            Some(order),
+            Some(metrics),
+        ] = addrs
+        else {
             bail!(
                 "flashmesh up did not start (no gateway, auth, catalog, order and metrics lines in its banner)"
             );
@@ -630,24 +619,95 @@ impl Stack {
             }
             process.child.wait().await?;
         }
-        let mut admin = PgConnection::connect(&self.admin_url).await?;
-        admin
-            .execute(
-                format!(
-                    r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#,
-                    self.database
-                )
-                .as_str(),
-            )
-            .await
-            .with_context(|| format!("dropping database {}", self.database))?;
-        if let Some((url, prefix)) = &self.redis {
-            delete_redis_keys(url, prefix)
-                .await
-                .with_context(|| format!("deleting Redis keys {prefix}*"))?;
-        }
-        Ok(())
+        self.storage.remove().await
     }
+}
+
+/// A stack's database and Redis keys. Removed by [`Storage::remove`], or
+/// when dropped: a stack that fails to start, or a run that is interrupted,
+/// leaves nothing behind.
+struct Storage {
+    admin_url: String,
+    database: String,
+    /// Redis URL and key prefix, when the stack uses Redis.
+    redis: Option<(String, String)>,
+    removed: bool,
+}
+
+impl Storage {
+    /// A fresh database under `backends`' admin URL, and a Redis prefix of
+    /// its own if `redis`.
+    async fn create(backends: &Backends, redis: bool) -> anyhow::Result<Self> {
+        let admin_url = backends.database_url.clone();
+        let database = format!("flashmesh_bench_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .with_context(|| format!("PostgreSQL at {admin_url} (DATABASE_URL)"))?;
+        admin
+            .execute(format!(r#"CREATE DATABASE "{database}""#).as_str())
+            .await
+            .with_context(|| format!("creating database {database}"))?;
+        admin.close().await?;
+        let redis = redis.then(|| {
+            (
+                backends.redis_url.clone(),
+                format!("flashmesh-bench:{}:", uuid::Uuid::new_v4().simple()),
+            )
+        });
+        Ok(Self {
+            admin_url,
+            database,
+            redis,
+            removed: false,
+        })
+    }
+
+    /// Drops the database and deletes the Redis keys.
+    async fn remove(&mut self) -> anyhow::Result<()> {
+        self.removed = true;
+        remove_storage(&self.admin_url, &self.database, self.redis.as_ref()).await
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        let (admin_url, database, redis) = (
+            self.admin_url.clone(),
+            self.database.clone(),
+            self.redis.clone(),
+        );
+        // Drop cannot await: a short-lived runtime on a thread of its own.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(remove_storage(&admin_url, &database, redis.as_ref()))
+        });
+        if let Ok(Err(error)) = cleanup.join() {
+            eprintln!("cannot clean up after a stack: {error:#}");
+        }
+    }
+}
+
+async fn remove_storage(
+    admin_url: &str,
+    database: &str,
+    redis: Option<&(String, String)>,
+) -> anyhow::Result<()> {
+    let mut admin = PgConnection::connect(admin_url).await?;
+    admin
+        .execute(format!(r#"DROP DATABASE IF EXISTS "{database}" WITH (FORCE)"#).as_str())
+        .await
+        .with_context(|| format!("dropping database {database}"))?;
+    if let Some((url, prefix)) = redis {
+        delete_redis_keys(url, prefix)
+            .await
+            .with_context(|| format!("deleting Redis keys {prefix}*"))?;
+    }
+    Ok(())
 }
 
 fn channel(addr: &str, transport: Transport) -> anyhow::Result<UpstreamChannel> {

@@ -34,10 +34,14 @@ impl WireMetrics {
             "flashmesh_server_transport_bytes",
             "Bytes read from and written to accepted server connections (application layer: HTTP/2 or HTTP/1.1 framing included, TCP/IP headers not)",
         );
+        // One statement each: the family's read guard lives to the end of
+        // the statement, and creating the next label set needs its write lock.
         let direction = |name: &str| [("direction", name.to_owned())];
+        let received = bytes.get_or_create(&direction("received")).clone();
+        let sent = bytes.get_or_create(&direction("sent")).clone();
         Self {
-            received: bytes.get_or_create(&direction("received")).clone(),
-            sent: bytes.get_or_create(&direction("sent")).clone(),
+            received,
+            sent,
             open: metrics.family(
                 "flashmesh_server_connections_open",
                 "Accepted server connections open now",

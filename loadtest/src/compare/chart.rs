@@ -77,7 +77,9 @@ pub fn draw(path: &Path, summary: &Summary) -> anyhow::Result<()> {
     let label = |x: &f64| {
         let i = x.round();
         if (x - i).abs() < 0.01 && i >= 0.0 {
-            groups.get(i as usize).map_or(String::new(), |g| (*g).to_owned())
+            groups
+                .get(i as usize)
+                .map_or(String::new(), |g| (*g).to_owned())
         } else {
             String::new()
         }
@@ -104,12 +106,13 @@ pub fn draw(path: &Path, summary: &Summary) -> anyhow::Result<()> {
         .filter(|v| *v > 0.0)
         .fold(f64::INFINITY, f64::min);
     let highest = bars.iter().map(|b| b.latency[2]).fold(0.0, f64::max);
-    let floor = if lowest.is_finite() { lowest / 2.0 } else { 0.1 };
+    let floor = if lowest.is_finite() {
+        lowest / 2.0
+    } else {
+        0.1
+    };
     let mut latency = ChartBuilder::on(&top)
-        .caption(
-            "Latency percentiles (ms, log scale)",
-            ("sans-serif", 22),
-        )
+        .caption("Latency percentiles (ms, log scale)", ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -133,7 +136,10 @@ pub fn draw(path: &Path, summary: &Summary) -> anyhow::Result<()> {
                 .draw_series(bars.iter().filter(|b| b.transport == *transport).map(|b| {
                     let (group, _) = index(b);
                     let (left, right) = slot(group, t, p, PERCENTILES.len());
-                    Rectangle::new([(left, floor), (right, b.latency[p].max(floor))], fill.filled())
+                    Rectangle::new(
+                        [(left, floor), (right, b.latency[p].max(floor))],
+                        fill.filled(),
+                    )
                 }))
                 .map_err(|e| plot(&e))?
                 .label(format!("{transport} {percentile}"))
@@ -150,7 +156,10 @@ pub fn draw(path: &Path, summary: &Summary) -> anyhow::Result<()> {
 
     let most = bars.iter().map(|b| b.per_second).fold(0.0, f64::max);
     let mut throughput = ChartBuilder::on(&bottom)
-        .caption("Throughput (requests/s; calls/s for the hop)", ("sans-serif", 22))
+        .caption(
+            "Throughput (requests/s; calls/s for the hop)",
+            ("sans-serif", 22),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)

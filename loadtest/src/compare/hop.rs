@@ -51,7 +51,7 @@ pub async fn run(
     let label = format!("reserve over {}", transport.as_str());
     progress.step(format!("{label}: starting the stack"));
     let stack = start_stack(backends, transport, &Placement::loopback()).await?;
-    let result = measure(&stack, options, transport, progress, &label).await;
+    let result = measure(&stack, options, transport, &label).await;
     stack.down().await?;
     progress.step(format!("{label}: done"));
     result
@@ -61,25 +61,22 @@ async fn measure(
     stack: &Stack,
     options: &CompareOptions,
     transport: Transport,
-    progress: &Progress,
     label: &str,
 ) -> anyhow::Result<Hop> {
-    let deal = stack.create_deal(i32::MAX, i32::MAX).await?;
+    let deal = stack.create_deal(10_000_000, 10_000_000).await?;
     let client = [CatalogServiceClient::new(
         stack.channel(&stack.catalog_addr)?,
     )];
     let token = Arc::new(stack.order_token.clone());
     let call = |i| reserve_call(&client, &deal, &token, i);
-    progress.step(format!(
-        "{label}: warm-up {}",
-        humantime::format_duration(options.warmup)
-    ));
-    drive(label, Mode::RedisGate, options.vus, options.warmup, call).await;
-    progress.step(format!(
-        "{label}: {} callers for {}",
+    drive(
+        &format!("{label}, warm-up"),
+        Mode::RedisGate,
         options.vus,
-        humantime::format_duration(options.duration)
-    ));
+        options.warmup,
+        call,
+    )
+    .await;
     let http = reqwest::Client::new();
     let catalog = stack
         .processes

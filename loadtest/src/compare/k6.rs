@@ -85,6 +85,9 @@ pub struct Run {
     /// k6 thresholds of the script that failed.
     pub thresholds_failed: Vec<String>,
     pub processes: Vec<ProcessUse>,
+    /// k6's own CPU over the main phase, per 1,000 requests: it shares the
+    /// machine with the stack.
+    pub k6_cpu_seconds_per_1k_requests: f64,
     pub between_services: BetweenServices,
     pub rush: Option<rush::Rush>,
 }
@@ -120,7 +123,10 @@ pub async fn run(
     let started = Instant::now();
     let running_at = loop {
         if let Some(status) = child.try_wait()? {
-            bail!("k6 ended before its scenarios began ({status}):\n{}", tail(&log_file));
+            bail!(
+                "k6 ended before its scenarios began ({status}):\n{}",
+                tail(&log_file)
+            );
         }
         if k6_status(&client, &api).await.is_some_and(|s| s >= RUNNING) {
             break Instant::now();
@@ -141,6 +147,8 @@ pub async fn run(
         })
         .await;
     }
+    let k6_pid = child.id().context("k6 has exited")?;
+    let k6_ticks = procfs::process_cpu_ticks(k6_pid);
     let before = Snapshot::take(stack, &client).await?;
     let requests_before = k6_requests(&client, &api).await;
     let mut peak_connections = 0.0f64;
@@ -153,7 +161,9 @@ pub async fn run(
             break;
         }
         peak_connections = peak_connections.max(Snapshot::open_connections(stack, &client).await?);
-        let requests = k6_requests(&client, &api).await.saturating_sub(requests_before);
+        let requests = k6_requests(&client, &api)
+            .await
+            .saturating_sub(requests_before);
         let elapsed = options.duration.as_secs_f64() - remaining(end_at);
         tick_until(end_at, &mut tick, progress, || {
             format!(
@@ -165,6 +175,7 @@ pub async fn run(
         .await;
     }
     let after = Snapshot::take(stack, &client).await?;
+    let k6_ticks = procfs::process_cpu_ticks(k6_pid).saturating_sub(k6_ticks);
     let main_seconds = main_at.elapsed().as_secs_f64();
     let peak_rss: Vec<f64> = stack
         .processes
@@ -226,9 +237,13 @@ pub async fn run(
         requests,
         requests_per_second: requests as f64 / main_seconds,
         latency_ms: duration,
-        error_rate: summary.rate("http_req_failed{scenario:main}").unwrap_or(0.0),
+        error_rate: summary
+            .rate("http_req_failed{scenario:main}")
+            .unwrap_or(0.0),
         thresholds_failed: summary.failed_thresholds(),
         processes,
+        k6_cpu_seconds_per_1k_requests: k6_ticks as f64 / ticks_per_second * 1000.0
+            / requests.max(1) as f64,
         between_services: BetweenServices {
             bytes_received: wire.received,
             bytes_sent: wire.sent,
@@ -293,7 +308,9 @@ fn k6_duration(duration: Duration) -> String {
 }
 
 fn remaining(until: Instant) -> f64 {
-    until.saturating_duration_since(Instant::now()).as_secs_f64()
+    until
+        .saturating_duration_since(Instant::now())
+        .as_secs_f64()
 }
 
 /// Sleeps a second (or less, to `until`) after showing `status`.
@@ -331,7 +348,12 @@ async fn api_attributes(
     url: &str,
 ) -> Option<HashMap<String, serde_json::Value>> {
     let body = client.get(url).send().await.ok()?.bytes().await.ok()?;
-    Some(serde_json::from_slice::<ApiAnswer>(&body).ok()?.data.attributes)
+    Some(
+        serde_json::from_slice::<ApiAnswer>(&body)
+            .ok()?
+            .data
+            .attributes,
+    )
 }
 
 /// k6's execution status, once its REST API answers.

@@ -48,27 +48,27 @@ pub struct Scenario {
 pub const SCENARIOS: [Scenario; 6] = [
     Scenario {
         name: "browse",
-        title: "browse deals (anonymous reads)",
+        title: "Browse deals (anonymous reads)",
     },
     Scenario {
         name: "auth",
-        title: "sign up, log in, refresh, GetMe",
+        title: "Sign up, log in, refresh, GetMe",
     },
     Scenario {
         name: "history",
-        title: "order history",
+        title: "Order history",
     },
     Scenario {
         name: "journey",
-        title: "full order journey",
+        title: "Full order journey",
     },
     Scenario {
         name: "rush",
-        title: "flash-sale rush",
+        title: "Flash-sale rush",
     },
     Scenario {
         name: "reserve",
-        title: "order → catalog hop alone (ReserveStock)",
+        title: "The order → catalog hop alone (ReserveStock)",
     },
 ];
 
@@ -84,7 +84,10 @@ impl std::str::FromStr for Scenario {
             .find(|s| s.name == name)
             .ok_or_else(|| {
                 let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
-                format!("unknown scenario {name:?}; expected one of {}", names.join(", "))
+                format!(
+                    "unknown scenario {name:?}; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -127,7 +130,10 @@ impl CompareOptions {
             self.rush_limit,
         );
         if let Some(latency) = self.latency {
-            line.push_str(&format!(" --latency {}", humantime::format_duration(latency)));
+            line.push_str(&format!(
+                " --latency {}",
+                humantime::format_duration(latency)
+            ));
         }
         line
     }
@@ -230,9 +236,9 @@ pub async fn compare(backends: &Backends, options: &CompareOptions) -> anyhow::R
     .await?;
     let latency = match options.latency {
         None => None,
-        Some(latency) => Some(
-            delayed_runs(backends, options, latency, &progress, &mut runs, &mut hops).await?,
-        ),
+        Some(latency) => {
+            Some(delayed_runs(backends, options, latency, &progress, &mut runs, &mut hops).await?)
+        }
     };
     let summary = report::Summary::new(options, machine, runs, hops, latency);
     let written = report::write(&options.out_dir, &summary)?;
@@ -341,9 +347,11 @@ async fn run_k6(
     let label = format!("{} over {}", scenario.name, transport.as_str());
     progress.step(format!("{label}: starting the stack"));
     let stack = start_stack(backends, transport, placement).await?;
-    let result = k6::run(&stack, options, scenario, transport, placement, network, progress)
-        .await
-        .with_context(|| label.clone());
+    let result = k6::run(
+        &stack, options, scenario, transport, placement, network, progress,
+    )
+    .await
+    .with_context(|| label.clone());
     stack.down().await?;
     progress.step(format!("{label}: done"));
     result

@@ -52,7 +52,9 @@ impl DelayedLink {
         let exec = ["ip", "netns", "exec", ns];
         ip(&["ip", "netns", "add", ns]).await?;
         let steps: Vec<Vec<&str>> = vec![
-            vec!["ip", "link", "add", host, "type", "veth", "peer", "name", inner],
+            vec![
+                "ip", "link", "add", host, "type", "veth", "peer", "name", inner,
+            ],
             vec!["ip", "link", "set", inner, "netns", ns],
             vec!["ip", "addr", "add", &host_cidr, "dev", host],
             vec!["ip", "link", "set", host, "up"],
@@ -65,9 +67,9 @@ impl DelayedLink {
         }
         if !rtt.is_zero() {
             let half = format!("{}us", rtt.as_micros() / 2);
-            ip(&netem_delay(host, &half)).await.context(
-                "tc netem is not available (a kernel without CONFIG_NET_SCH_NETEM?)",
-            )?;
+            ip(&netem_delay(host, &half))
+                .await
+                .context("tc netem is not available (a kernel without CONFIG_NET_SCH_NETEM?)")?;
             ip(&[&exec[..], &netem_delay(inner, &half)[..]].concat()).await?;
         }
         Ok(link)
@@ -132,7 +134,9 @@ impl Drop for DelayedLink {
 
 /// `tc` delaying every packet leaving `dev` by `delay`.
 fn netem_delay<'a>(dev: &'a str, delay: &'a str) -> [&'a str; 9] {
-    ["tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", delay]
+    [
+        "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay", delay,
+    ]
 }
 
 /// Runs `argv` (`ip …`, `tc …`); fails with its stderr.

@@ -150,8 +150,7 @@ impl Summary {
     ) -> Self {
         let targets = targets(&runs);
         Self {
-            date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-                [..10]
+            date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..10]
                 .to_owned(),
             commit: commit(),
             command: options.command_line(),
@@ -230,7 +229,9 @@ fn targets(runs: &[Run]) -> Vec<Target> {
             wanted: "the journey in both modes".to_owned(),
             ratio: None,
             met: None,
-            detail: "not measured: the targets need the journey scenario over both grpc and http1-json".to_owned(),
+            detail:
+                "not measured: the targets need the journey scenario over both grpc and http1-json"
+                    .to_owned(),
         }];
     };
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
@@ -460,12 +461,22 @@ every second of the main phase (the peak), and connections accepted during it.
 
 /// A figure per transport, and gRPC / baseline when both are there.
 fn row(md: &mut String, label: &str, values: &[Option<f64>], decimals: usize) {
+    cells(md, label, values, decimals, true);
+}
+
+/// A figure per transport, where a ratio means nothing (counts, rates
+/// that are mostly 0).
+fn plain_row(md: &mut String, label: &str, values: &[Option<f64>], decimals: usize) {
+    cells(md, label, values, decimals, false);
+}
+
+fn cells(md: &mut String, label: &str, values: &[Option<f64>], decimals: usize, ratio: bool) {
     let cells: Vec<String> = values
         .iter()
         .map(|v| v.map_or("–".to_owned(), |v| format!("{v:.decimals$}")))
         .collect();
     let ratio = match values {
-        [Some(a), Some(b)] if *b != 0.0 => format!(" {:.2} |", a / b),
+        [Some(a), Some(b)] if ratio && *b != 0.0 => format!(" {:.2} |", a / b),
         [_, _] => " – |".to_owned(),
         _ => String::new(),
     };
@@ -505,7 +516,7 @@ fn write_scenarios(md: &mut String, summary: &Summary, transports: &[&str], netw
         row(md, "p50 ms", &figure(&|r| r.latency_ms.p50), 2);
         row(md, "p95 ms", &figure(&|r| r.latency_ms.p95), 2);
         row(md, "p99 ms", &figure(&|r| r.latency_ms.p99), 2);
-        row(md, "error rate %", &figure(&|r| r.error_rate * 100.0), 2);
+        plain_row(md, "error rate %", &figure(&|r| r.error_rate * 100.0), 2);
         let names = runs
             .iter()
             .flatten()
@@ -527,8 +538,19 @@ fn write_scenarios(md: &mut String, summary: &Summary, transports: &[&str], netw
         }
         row(
             md,
-            "CPU s per 1,000 requests: all",
-            &figure(&|r| r.processes.iter().map(|p| p.cpu_seconds_per_1k_requests).sum()),
+            "CPU s per 1,000 requests: the stack",
+            &figure(&|r| {
+                r.processes
+                    .iter()
+                    .map(|p| p.cpu_seconds_per_1k_requests)
+                    .sum()
+            }),
+            3,
+        );
+        row(
+            md,
+            "CPU s per 1,000 requests: k6 (load generator)",
+            &figure(&|r| r.k6_cpu_seconds_per_1k_requests),
             3,
         );
         for name in &names {
@@ -553,9 +575,7 @@ fn write_scenarios(md: &mut String, summary: &Summary, transports: &[&str], netw
         row(
             md,
             "MB between services (received + sent)",
-            &figure(&|r| {
-                (r.between_services.bytes_received + r.between_services.bytes_sent) / 1e6
-            }),
+            &figure(&|r| (r.between_services.bytes_received + r.between_services.bytes_sent) / 1e6),
             2,
         );
         row(
@@ -564,7 +584,7 @@ fn write_scenarios(md: &mut String, summary: &Summary, transports: &[&str], netw
             &figure(&|r| r.between_services.peak_connections),
             0,
         );
-        row(
+        plain_row(
             md,
             "connections accepted by services",
             &figure(&|r| r.between_services.accepted_connections),
@@ -606,7 +626,7 @@ fn write_hop(md: &mut String, summary: &Summary, transports: &[&str]) {
     row(md, "calls/s", &figure(&|h| h.calls_per_second), 0);
     row(md, "p50 ms", &figure(&|h| h.p50_ms), 2);
     row(md, "p99 ms", &figure(&|h| h.p99_ms), 2);
-    row(md, "errors", &figure(&|h| h.errors as f64), 0);
+    plain_row(md, "errors", &figure(&|h| h.errors as f64), 0);
     row(
         md,
         "catalog CPU µs per call",
@@ -632,7 +652,11 @@ fn write_hop(md: &mut String, summary: &Summary, transports: &[&str]) {
 fn write_rush(md: &mut String, summary: &Summary, transports: &[&str], network: &Network) {
     let rushes: Vec<Option<&super::rush::Rush>> = transports
         .iter()
-        .map(|t| summary.run("rush", t, network).and_then(|r| r.rush.as_ref()))
+        .map(|t| {
+            summary
+                .run("rush", t, network)
+                .and_then(|r| r.rush.as_ref())
+        })
         .collect();
     if rushes.iter().all(Option::is_none) {
         return;
@@ -645,35 +669,64 @@ fn write_rush(md: &mut String, summary: &Summary, transports: &[&str], network: 
         network.label()
     );
     header(md, transports);
-    let figure = |f: &dyn Fn(&super::rush::Rush) -> f64| {
-        rushes.iter().map(|r| r.map(f)).collect::<Vec<_>>()
-    };
-    row(md, "VUs", &figure(&|r| r.vus as f64), 0);
-    row(md, "units on sale", &figure(&|r| f64::from(r.stock)), 0);
-    row(md, "per-buyer limit", &figure(&|r| f64::from(r.per_buyer_limit)), 0);
-    row(md, "orders accepted", &figure(&|r| r.orders_accepted as f64), 0);
-    row(md, "units accepted", &figure(&|r| r.units_accepted as f64), 0);
-    row(md, "SOLD_OUT answers", &figure(&|r| r.sold_out_answers as f64), 0);
-    row(
+    let figure =
+        |f: &dyn Fn(&super::rush::Rush) -> f64| rushes.iter().map(|r| r.map(f)).collect::<Vec<_>>();
+    plain_row(md, "VUs", &figure(&|r| r.vus as f64), 0);
+    plain_row(md, "units on sale", &figure(&|r| f64::from(r.stock)), 0);
+    plain_row(
+        md,
+        "per-buyer limit",
+        &figure(&|r| f64::from(r.per_buyer_limit)),
+        0,
+    );
+    plain_row(
+        md,
+        "orders accepted",
+        &figure(&|r| r.orders_accepted as f64),
+        0,
+    );
+    plain_row(
+        md,
+        "units accepted",
+        &figure(&|r| r.units_accepted as f64),
+        0,
+    );
+    plain_row(
+        md,
+        "SOLD_OUT answers",
+        &figure(&|r| r.sold_out_answers as f64),
+        0,
+    );
+    plain_row(
         md,
         "other answers (unexpected)",
         &figure(&|r| r.unexpected_answers as f64),
         0,
     );
-    row(
+    plain_row(
         md,
         "units taken from the deal",
         &figure(&|r| r.units_taken_from_deal as f64),
         0,
     );
-    row(
+    plain_row(
         md,
         "units sold (GetDealSales)",
         &figure(&|r| r.units_sold_counted as f64),
         0,
     );
-    row(md, "**oversell**", &figure(&|r| r.oversell as f64), 0);
-    row(md, "time to sell out ms", &figure(&|r| r.time_to_sell_out_ms), 0);
-    row(md, "p99 ms (every request of the sale)", &figure(&|r| r.p99_ms), 2);
+    plain_row(md, "**oversell**", &figure(&|r| r.oversell as f64), 0);
+    row(
+        md,
+        "time to sell out ms",
+        &figure(&|r| r.time_to_sell_out_ms),
+        0,
+    );
+    row(
+        md,
+        "p99 ms (every request of the sale)",
+        &figure(&|r| r.p99_ms),
+        2,
+    );
     md.push('\n');
 }

@@ -51,7 +51,10 @@ impl Rush {
         let client = reqwest::Client::new();
         let base = format!("http://{}", stack.gateway_addr);
         let deal = rush_deal(&client, &base, options.rush_stock).await?;
-        let id = deal["id"].as_str().context("the deal has no id")?.to_owned();
+        let id = deal["id"]
+            .as_str()
+            .context("the deal has no id")?
+            .to_owned();
         let stock = number(&deal["stock"])?;
         let remaining = number(&deal["remaining_stock"])?;
         let units_sold_counted =
