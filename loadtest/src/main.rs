@@ -144,6 +144,10 @@ enum Bench {
         /// Comma-separated transports: grpc, http1-json.
         #[arg(long, value_delimiter = ',', default_value = "grpc,http1-json")]
         modes: Vec<Transport>,
+        /// Runs of every scenario over every transport (alternating which
+        /// goes first); the report shows medians.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Also run every scenario with this round trip between the gateway
         /// and the services (network namespace + tc netem; needs root).
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -244,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
             vus,
             scenarios,
             modes,
+            rounds,
             latency,
             rush_stock,
             rush_limit,
@@ -260,6 +265,7 @@ async fn main() -> anyhow::Result<()> {
                 vus,
                 scenarios,
                 modes,
+                rounds,
                 latency,
                 rush_stock,
                 rush_limit,

@@ -27,6 +27,7 @@ async fn compare_writes_a_report_a_chart_and_a_summary_for_both_transports() {
             .map(|name| name.parse().expect("a scenario"))
             .to_vec(),
         modes: vec![Transport::Grpc, Transport::Http1Json],
+        rounds: 1,
         latency: None,
         rush_stock: RUSH_STOCK,
         rush_limit: 2,

@@ -1,13 +1,18 @@
 //! The report's chart (SVG, with plotters): per scenario and transport, the
 //! latency percentiles (p50, p95, p99; log scale) above and the throughput
-//! below.
+//! below (medians over the rounds).
 
 use std::path::Path;
 
 use anyhow::anyhow;
 use plotters::prelude::*;
 
-use super::{Network, report::Summary};
+use super::{
+    Network, SCENARIOS,
+    hop::Hop,
+    k6::Run,
+    report::{Summary, median},
+};
 
 /// One group of bars: a scenario (or the hop) over one transport.
 struct Bars {
@@ -22,26 +27,58 @@ const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 900;
 const PERCENTILES: [&str; 3] = ["p50", "p95", "p99"];
 
+/// Medians over the rounds, per scenario (per network) and transport, then
+/// the hop's.
 fn bars(summary: &Summary) -> Vec<Bars> {
-    let mut bars: Vec<Bars> = summary
-        .runs
-        .iter()
-        .map(|run| Bars {
-            group: match &run.network {
-                Network::Loopback => run.scenario.to_owned(),
-                Network::Delayed { rtt_ms } => format!("{} +{rtt_ms}ms", run.scenario),
-            },
-            transport: run.transport,
-            latency: [run.latency_ms.p50, run.latency_ms.p95, run.latency_ms.p99],
-            per_second: run.requests_per_second,
-        })
-        .collect();
-    bars.extend(summary.reserve_hop.iter().map(|hop| Bars {
-        group: "reserve (hop)".to_owned(),
-        transport: hop.transport,
-        latency: [hop.p50_ms, hop.p95_ms, hop.p99_ms],
-        per_second: hop.calls_per_second,
-    }));
+    let mut networks: Vec<&Network> = Vec::new();
+    for run in &summary.runs {
+        if !networks.contains(&&run.network) {
+            networks.push(&run.network);
+        }
+    }
+    let mut bars = Vec::new();
+    for network in networks {
+        for scenario in SCENARIOS {
+            for transport in summary.transports() {
+                let runs = summary.runs_of(scenario.name, transport, network);
+                let figure = |f: &dyn Fn(&Run) -> f64| median(&runs, f);
+                let (Some(p50), Some(p95), Some(p99), Some(per_second)) = (
+                    figure(&|r| r.latency_ms.p50),
+                    figure(&|r| r.latency_ms.p95),
+                    figure(&|r| r.latency_ms.p99),
+                    figure(&|r| r.requests_per_second),
+                ) else {
+                    continue;
+                };
+                bars.push(Bars {
+                    group: match network {
+                        Network::Loopback => scenario.name.to_owned(),
+                        Network::Delayed { rtt_ms } => format!("{} +{rtt_ms}ms", scenario.name),
+                    },
+                    transport,
+                    latency: [p50, p95, p99],
+                    per_second,
+                });
+            }
+        }
+    }
+    for transport in summary.transports() {
+        let hops = summary.hops_of(transport);
+        let figure = |f: &dyn Fn(&Hop) -> f64| median(&hops, f);
+        if let (Some(p50), Some(p95), Some(p99), Some(per_second)) = (
+            figure(&|h| h.p50_ms),
+            figure(&|h| h.p95_ms),
+            figure(&|h| h.p99_ms),
+            figure(&|h| h.calls_per_second),
+        ) {
+            bars.push(Bars {
+                group: "reserve (hop)".to_owned(),
+                transport,
+                latency: [p50, p95, p99],
+                per_second,
+            });
+        }
+    }
     bars
 }
 

@@ -12,7 +12,7 @@ use flashmesh_platform::config::Transport;
 use flashmesh_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use serde::Serialize;
 
-use super::{CompareOptions, Progress, scrape::Snapshot, start_stack};
+use super::{CompareOptions, Plan, Progress, scrape::Snapshot, start_stack};
 use crate::{
     catalog::reserve_call,
     procfs,
@@ -23,6 +23,7 @@ use crate::{
 /// ReserveStock over one transport.
 #[derive(Clone, Debug, Serialize)]
 pub struct Hop {
+    pub round: usize,
     pub transport: &'static str,
     pub callers: usize,
     pub duration_seconds: f64,
@@ -45,13 +46,14 @@ pub struct Hop {
 pub async fn run(
     backends: &Backends,
     options: &CompareOptions,
-    transport: Transport,
+    plan: &Plan<'_>,
     progress: &Progress,
 ) -> anyhow::Result<Hop> {
-    let label = format!("reserve over {}", transport.as_str());
+    let (round, transport) = (plan.round, plan.transport);
+    let label = plan.label();
     progress.step(format!("{label}: starting the stack"));
     let stack = start_stack(backends, transport, &Placement::loopback()).await?;
-    let result = measure(&stack, options, transport, &label).await;
+    let result = measure(&stack, options, round, transport, &label).await;
     stack.down().await?;
     progress.step(format!("{label}: done"));
     result
@@ -60,6 +62,7 @@ pub async fn run(
 async fn measure(
     stack: &Stack,
     options: &CompareOptions,
+    round: usize,
     transport: Transport,
     label: &str,
 ) -> anyhow::Result<Hop> {
@@ -92,6 +95,7 @@ async fn measure(
     let calls = row.calls().max(1) as f64;
     let us_per_call = |ticks: u64| ticks as f64 * 1e6 / procfs::ticks_per_second() / calls;
     Ok(Hop {
+        round,
         transport: transport.as_str(),
         callers: options.vus,
         duration_seconds: row.elapsed.as_secs_f64(),

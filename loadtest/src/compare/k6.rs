@@ -15,12 +15,11 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use flashmesh_platform::config::Transport;
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
 use super::{
-    CompareOptions, Network, Progress, Scenario, rush,
+    CompareOptions, Network, Plan, Progress, Scenario, rush,
     scrape::{Snapshot, Wire},
 };
 use crate::{
@@ -69,6 +68,7 @@ pub struct BetweenServices {
 /// One scenario in one transport.
 #[derive(Clone, Debug, Serialize)]
 pub struct Run {
+    pub round: usize,
     pub scenario: &'static str,
     pub transport: &'static str,
     pub network: Network,
@@ -96,13 +96,17 @@ pub struct Run {
 pub async fn run(
     stack: &Stack,
     options: &CompareOptions,
-    scenario: Scenario,
-    transport: Transport,
-    placement: &Placement,
-    network: &Network,
+    plan: &Plan<'_>,
     progress: &Progress,
 ) -> anyhow::Result<Run> {
-    let label = format!("{} over {}", scenario.name, transport.as_str());
+    let Plan {
+        round,
+        scenario,
+        transport,
+        placement,
+        network,
+    } = *plan;
+    let label = plan.label();
     let files = tempfile::tempdir()?;
     let summary_file = files.path().join("summary.json");
     let log_file = files.path().join("k6.log");
@@ -154,7 +158,10 @@ pub async fn run(
     let mut peak_connections = 0.0f64;
     // Until `duration` is over, or earlier when the main scenario ends by
     // itself (the rush: every VU got SOLD_OUT).
+    let mut k6_ticks_seen = k6_ticks;
     while Instant::now() < end_at {
+        // Read before k6 may be reaped below (its /proc entry goes then).
+        k6_ticks_seen = k6_ticks_seen.max(procfs::process_cpu_ticks(k6_pid));
         if child.try_wait()?.is_some()
             || k6_status(&client, &api).await.is_some_and(|s| s > RUNNING)
         {
@@ -175,7 +182,9 @@ pub async fn run(
         .await;
     }
     let after = Snapshot::take(stack, &client).await?;
-    let k6_ticks = procfs::process_cpu_ticks(k6_pid).saturating_sub(k6_ticks);
+    let k6_ticks = procfs::process_cpu_ticks(k6_pid)
+        .max(k6_ticks_seen)
+        .saturating_sub(k6_ticks);
     let main_seconds = main_at.elapsed().as_secs_f64();
     let peak_rss: Vec<f64> = stack
         .processes
@@ -229,6 +238,7 @@ pub async fn run(
         ));
     }
     Ok(Run {
+        round,
         scenario: scenario.name,
         transport: transport.as_str(),
         network: network.clone(),

@@ -103,6 +103,8 @@ pub struct CompareOptions {
     pub vus: usize,
     pub scenarios: Vec<Scenario>,
     pub modes: Vec<Transport>,
+    /// Times every (scenario, transport) runs; the report shows medians.
+    pub rounds: usize,
     /// Round trip added between the gateway and the services, for a second
     /// set of runs (`None`: loopback only).
     pub latency: Option<Duration>,
@@ -120,12 +122,13 @@ impl CompareOptions {
     pub fn command_line(&self) -> String {
         let list = |names: Vec<&str>| names.join(",");
         let mut line = format!(
-            "loadtest/compare --duration {} --warmup {} --vus {} --scenarios {} --modes {} --rush-stock {} --rush-limit {}",
+            "loadtest/compare --duration {} --warmup {} --vus {} --scenarios {} --modes {} --rounds {} --rush-stock {} --rush-limit {}",
             humantime::format_duration(self.duration),
             humantime::format_duration(self.warmup),
             self.vus,
             list(self.scenarios.iter().map(|s| s.name).collect()),
             list(self.modes.iter().map(|m| m.as_str()).collect()),
+            self.rounds,
             self.rush_stock,
             self.rush_limit,
         );
@@ -216,8 +219,8 @@ pub fn pinned_k6() -> anyhow::Result<PathBuf> {
 
 /// Runs the comparison and writes the report.
 pub async fn compare(backends: &Backends, options: &CompareOptions) -> anyhow::Result<Written> {
-    if options.scenarios.is_empty() || options.modes.is_empty() {
-        bail!("nothing to run: --scenarios and --modes need at least one entry each");
+    if options.scenarios.is_empty() || options.modes.is_empty() || options.rounds == 0 {
+        bail!("nothing to run: --scenarios and --modes need an entry, --rounds at least 1");
     }
     let progress = Progress::start();
     progress.step(format!("comparing: {}", options.command_line()));
@@ -298,8 +301,29 @@ async fn delayed_runs(
     })
 }
 
-/// Every scenario in every mode on `network`; the modes' order alternates
-/// from one scenario to the next.
+/// One run: a scenario over a transport, in a round, placed on a network.
+#[derive(Clone, Copy)]
+pub struct Plan<'a> {
+    pub round: usize,
+    pub scenario: Scenario,
+    pub transport: Transport,
+    pub placement: &'a Placement,
+    pub network: &'a Network,
+}
+
+impl Plan<'_> {
+    fn label(&self) -> String {
+        format!(
+            "{} over {} (round {})",
+            self.scenario.name,
+            self.transport.as_str(),
+            self.round
+        )
+    }
+}
+
+/// Every scenario in every mode on `network`, `rounds` times; the modes'
+/// order alternates from one scenario (and round) to the next.
 async fn run_all(
     backends: &Backends,
     options: &CompareOptions,
@@ -309,26 +333,30 @@ async fn run_all(
     runs: &mut Vec<k6::Run>,
     hops: &mut Vec<hop::Hop>,
 ) -> anyhow::Result<()> {
-    for (i, scenario) in options.scenarios.iter().enumerate() {
-        let mut modes = options.modes.clone();
-        if i % 2 == 1 {
-            modes.reverse();
-        }
-        for transport in modes {
-            if scenario.name == HOP {
-                // The hop is this process calling the catalog: the
-                // gateway's link does not carry it.
-                if *network == Network::Loopback {
-                    hops.push(hop::run(backends, options, transport, progress).await?);
-                }
-                continue;
+    for round in 1..=options.rounds {
+        for (i, scenario) in options.scenarios.iter().enumerate() {
+            let mut modes = options.modes.clone();
+            if (i + round) % 2 == 0 {
+                modes.reverse();
             }
-            runs.push(
-                run_k6(
-                    backends, options, *scenario, transport, placement, network, progress,
-                )
-                .await?,
-            );
+            for transport in modes {
+                let plan = Plan {
+                    round,
+                    scenario: *scenario,
+                    transport,
+                    placement,
+                    network,
+                };
+                if scenario.name == HOP {
+                    // The hop is this process calling the catalog: the
+                    // gateway's link does not carry it.
+                    if *network == Network::Loopback {
+                        hops.push(hop::run(backends, options, &plan, progress).await?);
+                    }
+                    continue;
+                }
+                runs.push(run_k6(backends, options, &plan, progress).await?);
+            }
         }
     }
     Ok(())
@@ -338,20 +366,15 @@ async fn run_all(
 async fn run_k6(
     backends: &Backends,
     options: &CompareOptions,
-    scenario: Scenario,
-    transport: Transport,
-    placement: &Placement,
-    network: &Network,
+    plan: &Plan<'_>,
     progress: &Progress,
 ) -> anyhow::Result<k6::Run> {
-    let label = format!("{} over {}", scenario.name, transport.as_str());
+    let label = plan.label();
     progress.step(format!("{label}: starting the stack"));
-    let stack = start_stack(backends, transport, placement).await?;
-    let result = k6::run(
-        &stack, options, scenario, transport, placement, network, progress,
-    )
-    .await
-    .with_context(|| label.clone());
+    let stack = start_stack(backends, plan.transport, plan.placement).await?;
+    let result = k6::run(&stack, options, plan, progress)
+        .await
+        .with_context(|| label.clone());
     stack.down().await?;
     progress.step(format!("{label}: done"));
     result

@@ -11,7 +11,7 @@ use anyhow::Context;
 use serde::Serialize;
 use sqlx::{Connection, PgConnection};
 
-use super::{CompareOptions, Network, SCENARIOS, chart, hop::Hop, k6::Run};
+use super::{CompareOptions, Network, SCENARIOS, chart, hop::Hop, k6::Run, rush::Rush};
 use crate::stack::Backends;
 
 /// The files written.
@@ -132,6 +132,7 @@ pub struct Summary {
     pub vus: usize,
     pub duration_seconds: f64,
     pub warmup_seconds: f64,
+    pub rounds: usize,
     pub runs: Vec<Run>,
     pub reserve_hop: Vec<Hop>,
     pub latency: Option<LatencyRuns>,
@@ -158,6 +159,7 @@ impl Summary {
             vus: options.vus,
             duration_seconds: options.duration.as_secs_f64(),
             warmup_seconds: options.warmup.as_secs_f64(),
+            rounds: options.rounds,
             runs,
             reserve_hop,
             latency,
@@ -171,15 +173,24 @@ impl Summary {
         format!("{}-{}", self.date, self.commit.trim_end_matches("-dirty"))
     }
 
-    /// The run of `scenario` over `transport` on `network`.
-    fn run(&self, scenario: &str, transport: &str, network: &Network) -> Option<&Run> {
+    /// Every round's run of `scenario` over `transport` on `network`.
+    pub(super) fn runs_of(&self, scenario: &str, transport: &str, network: &Network) -> Vec<&Run> {
         self.runs
             .iter()
-            .find(|r| r.scenario == scenario && r.transport == transport && r.network == *network)
+            .filter(|r| r.scenario == scenario && r.transport == transport && r.network == *network)
+            .collect()
     }
 
-    /// The transports, in the order first run.
-    fn transports(&self) -> Vec<&'static str> {
+    /// Every round's ReserveStock hop over `transport`.
+    pub(super) fn hops_of(&self, transport: &str) -> Vec<&Hop> {
+        self.reserve_hop
+            .iter()
+            .filter(|h| h.transport == transport)
+            .collect()
+    }
+
+    /// The transports, gRPC first.
+    pub(super) fn transports(&self) -> Vec<&'static str> {
         let mut seen = Vec::new();
         let all = self.runs.iter().map(|r| r.transport);
         for transport in all.chain(self.reserve_hop.iter().map(|h| h.transport)) {
@@ -190,6 +201,19 @@ impl Summary {
         // gRPC first, so the ratio column reads gRPC / baseline.
         seen.sort_by_key(|t| *t != "grpc");
         seen
+    }
+}
+
+/// The median of `f` over `items` (`None` if there are none): over
+/// several rounds, the round a disturbance hit moves it least.
+pub(super) fn median<T>(items: &[&T], f: &dyn Fn(&T) -> f64) -> Option<f64> {
+    let mut values: Vec<f64> = items.iter().map(|item| f(item)).collect();
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
     }
 }
 
@@ -215,15 +239,19 @@ fn commit() -> String {
     }
 }
 
-/// The issue's targets, from the loopback journey (and every scenario for
-/// connections).
+/// The issue's targets, from the loopback journey (medians over rounds).
 fn targets(runs: &[Run]) -> Vec<Target> {
-    let find = |scenario: &str, transport: &str| {
-        runs.iter().find(|r| {
-            r.scenario == scenario && r.transport == transport && r.network == Network::Loopback
-        })
+    let journey = |transport: &str| -> Vec<&Run> {
+        runs.iter()
+            .filter(|r| {
+                r.scenario == "journey"
+                    && r.transport == transport
+                    && r.network == Network::Loopback
+            })
+            .collect()
     };
-    let (Some(grpc), Some(json)) = (find("journey", "grpc"), find("journey", "http1-json")) else {
+    let (grpc, json) = (journey("grpc"), journey("http1-json"));
+    if grpc.is_empty() || json.is_empty() {
         return vec![Target {
             name: "every target".to_owned(),
             wanted: "the journey in both modes".to_owned(),
@@ -233,65 +261,72 @@ fn targets(runs: &[Run]) -> Vec<Target> {
                 "not measured: the targets need the journey scenario over both grpc and http1-json"
                     .to_owned(),
         }];
+    }
+    // gRPC's median, the baseline's median, and their ratio.
+    let compare = |f: &dyn Fn(&Run) -> f64| {
+        let (g, j) = (
+            median(&grpc, f).unwrap_or(f64::NAN),
+            median(&json, f).unwrap_or(f64::NAN),
+        );
+        (g, j, if j > 0.0 { g / j } else { f64::NAN })
     };
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    let throughput = ratio(grpc.requests_per_second, json.requests_per_second);
-    let p99 = ratio(grpc.latency_ms.p99, json.latency_ms.p99);
-    let bytes = ratio(
-        grpc.between_services.bytes_per_request,
-        json.between_services.bytes_per_request,
+    let throughput = compare(&|r| r.requests_per_second);
+    let p99 = compare(&|r| r.latency_ms.p99);
+    let bytes = compare(&|r| r.between_services.bytes_per_request);
+    let connections = compare(&|r| r.between_services.peak_connections);
+    let stack_cpu = compare(&|r| {
+        r.processes
+            .iter()
+            .map(|p| p.cpu_seconds_per_1k_requests)
+            .sum()
+    });
+    let why = format!(
+        "the stack used {:.3} vs {:.3} CPU s per 1,000 requests ({:.2}×)",
+        stack_cpu.0, stack_cpu.1, stack_cpu.2
     );
-    let connections = ratio(
-        grpc.between_services.peak_connections,
-        json.between_services.peak_connections,
-    );
-    let cpu_hint = cpu_difference(grpc, json);
     vec![
         Target {
             name: "journey throughput at equal VUs".to_owned(),
             wanted: "gRPC ≥ 0.95 × baseline".to_owned(),
-            ratio: Some(throughput),
-            met: Some(throughput >= 0.95),
+            ratio: Some(throughput.2),
+            met: Some(throughput.2 >= 0.95),
             detail: format!(
                 "{:.0} vs {:.0} requests/s{}",
-                grpc.requests_per_second,
-                json.requests_per_second,
-                missed_by(throughput, 0.95, true, &cpu_hint)
+                throughput.0,
+                throughput.1,
+                missed_by(throughput.2, 0.95, true, &why)
             ),
         },
         Target {
             name: "journey p99".to_owned(),
             wanted: "gRPC ≤ baseline".to_owned(),
-            ratio: Some(p99),
-            met: Some(p99 <= 1.0),
+            ratio: Some(p99.2),
+            met: Some(p99.2 <= 1.0),
             detail: format!(
                 "{:.1} vs {:.1} ms{}",
-                grpc.latency_ms.p99,
-                json.latency_ms.p99,
-                missed_by(p99, 1.0, false, &cpu_hint)
+                p99.0,
+                p99.1,
+                missed_by(p99.2, 1.0, false, &why)
             ),
         },
         Target {
             name: "bytes between services per journey request".to_owned(),
             wanted: "gRPC ≤ 0.6 × baseline".to_owned(),
-            ratio: Some(bytes),
-            met: Some(bytes <= 0.6),
+            ratio: Some(bytes.2),
+            met: Some(bytes.2 <= 0.6),
             detail: format!(
                 "{:.0} vs {:.0} bytes{}",
-                grpc.between_services.bytes_per_request,
-                json.between_services.bytes_per_request,
-                missed_by(bytes, 0.6, false, "")
+                bytes.0,
+                bytes.1,
+                missed_by(bytes.2, 0.6, false, "")
             ),
         },
         Target {
             name: "connections the services hold during the journey".to_owned(),
             wanted: "far fewer with gRPC (counted met at ≤ 0.25 ×)".to_owned(),
-            ratio: Some(connections),
-            met: Some(connections <= 0.25),
-            detail: format!(
-                "{:.0} vs {:.0} at the peak",
-                grpc.between_services.peak_connections, json.between_services.peak_connections
-            ),
+            ratio: Some(connections.2),
+            met: Some(connections.2 <= 0.25),
+            detail: format!("{:.0} vs {:.0} at the peak", connections.0, connections.1),
         },
     ]
 }
@@ -311,32 +346,8 @@ fn missed_by(ratio: f64, limit: f64, at_least: bool, why: &str) -> String {
     if why.is_empty() {
         format!("; missed by {by:.1}%")
     } else {
-        format!("; missed by {by:.1}% — {why}")
+        format!("; missed by {by:.1}%, while {why}")
     }
-}
-
-/// Where the two runs' CPU per request differs most, as evidence of where
-/// the time went.
-fn cpu_difference(grpc: &Run, json: &Run) -> String {
-    let per_process = grpc.processes.iter().filter_map(|g| {
-        let j = json.processes.iter().find(|j| j.name == g.name)?;
-        Some((
-            g.name,
-            g.cpu_seconds_per_1k_requests,
-            j.cpu_seconds_per_1k_requests,
-        ))
-    });
-    per_process
-        .max_by(|a, b| (a.1 - a.2).total_cmp(&(b.1 - b.2)))
-        .filter(|(_, g, j)| g > j)
-        .map(|(name, g, j)| {
-            format!(
-                "the {name} process spent the most extra CPU with gRPC: {g:.2} vs {j:.2} CPU s per 1,000 requests"
-            )
-        })
-        .unwrap_or_else(|| {
-            "no process used more CPU per request with gRPC; look at waiting (connections, flow control) rather than work".to_owned()
-        })
 }
 
 /// Writes the three files into `dir` (created if needed).
@@ -384,8 +395,16 @@ fn markdown_report(summary: &Summary, chart_file: &str) -> String {
     md.push_str(METHOD);
     let _ = writeln!(
         md,
-        "\nEach scenario: {} VUs, {} s warm-up, then {} s measured.\n",
-        summary.vus, summary.warmup_seconds, summary.duration_seconds
+        "\nEach scenario: {} VUs, {} s warm-up, then {} s measured; {} round(s){}.\n",
+        summary.vus,
+        summary.warmup_seconds,
+        summary.duration_seconds,
+        summary.rounds,
+        if summary.rounds > 1 {
+            ", each figure the median over the rounds (every round is in the JSON)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(md, "![latency percentiles and throughput]({chart_file})\n");
 
@@ -496,11 +515,11 @@ fn header(md: &mut String, transports: &[&str]) {
 
 fn write_scenarios(md: &mut String, summary: &Summary, transports: &[&str], network: &Network) {
     for scenario in SCENARIOS {
-        let runs: Vec<Option<&Run>> = transports
+        let runs: Vec<Vec<&Run>> = transports
             .iter()
-            .map(|t| summary.run(scenario.name, t, network))
+            .map(|t| summary.runs_of(scenario.name, t, network))
             .collect();
-        if runs.iter().all(Option::is_none) {
+        if runs.iter().all(Vec::is_empty) {
             continue;
         }
         let _ = writeln!(
@@ -511,7 +530,8 @@ fn write_scenarios(md: &mut String, summary: &Summary, transports: &[&str], netw
             network.label()
         );
         header(md, transports);
-        let figure = |f: &dyn Fn(&Run) -> f64| runs.iter().map(|r| r.map(f)).collect::<Vec<_>>();
+        let figure =
+            |f: &dyn Fn(&Run) -> f64| runs.iter().map(|r| median(r, f)).collect::<Vec<_>>();
         row(md, "requests/s", &figure(&|r| r.requests_per_second), 0);
         row(md, "p50 ms", &figure(&|r| r.latency_ms.p50), 2);
         row(md, "p95 ms", &figure(&|r| r.latency_ms.p95), 2);
@@ -590,12 +610,17 @@ fn write_scenarios(md: &mut String, summary: &Summary, transports: &[&str], netw
             &figure(&|r| r.between_services.accepted_connections),
             0,
         );
-        let failed: Vec<String> = transports
+        let failed: Vec<String> = runs
             .iter()
-            .zip(&runs)
-            .filter_map(|(t, r)| {
-                let failed = &(*r)?.thresholds_failed;
-                (!failed.is_empty()).then(|| format!("{t}: {}", failed.join("; ")))
+            .flatten()
+            .filter(|r| !r.thresholds_failed.is_empty())
+            .map(|r| {
+                format!(
+                    "{} (round {}): {}",
+                    r.transport,
+                    r.round,
+                    r.thresholds_failed.join("; ")
+                )
             })
             .collect();
         if !failed.is_empty() {
@@ -609,10 +634,7 @@ fn write_hop(md: &mut String, summary: &Summary, transports: &[&str]) {
     if summary.reserve_hop.is_empty() {
         return;
     }
-    let hops: Vec<Option<&Hop>> = transports
-        .iter()
-        .map(|t| summary.reserve_hop.iter().find(|h| h.transport == *t))
-        .collect();
+    let hops: Vec<Vec<&Hop>> = transports.iter().map(|t| summary.hops_of(t)).collect();
     let _ = writeln!(
         md,
         "## The order → catalog hop alone (ReserveStock, loopback)\n\n\
@@ -622,7 +644,7 @@ fn write_hop(md: &mut String, summary: &Summary, transports: &[&str]) {
         summary.vus
     );
     header(md, transports);
-    let figure = |f: &dyn Fn(&Hop) -> f64| hops.iter().map(|h| h.map(f)).collect::<Vec<_>>();
+    let figure = |f: &dyn Fn(&Hop) -> f64| hops.iter().map(|h| median(h, f)).collect::<Vec<_>>();
     row(md, "calls/s", &figure(&|h| h.calls_per_second), 0);
     row(md, "p50 ms", &figure(&|h| h.p50_ms), 2);
     row(md, "p99 ms", &figure(&|h| h.p99_ms), 2);
@@ -650,15 +672,17 @@ fn write_hop(md: &mut String, summary: &Summary, transports: &[&str]) {
 }
 
 fn write_rush(md: &mut String, summary: &Summary, transports: &[&str], network: &Network) {
-    let rushes: Vec<Option<&super::rush::Rush>> = transports
+    let rushes: Vec<Vec<&Rush>> = transports
         .iter()
         .map(|t| {
             summary
-                .run("rush", t, network)
-                .and_then(|r| r.rush.as_ref())
+                .runs_of("rush", t, network)
+                .into_iter()
+                .filter_map(|r| r.rush.as_ref())
+                .collect()
         })
         .collect();
-    if rushes.iter().all(Option::is_none) {
+    if rushes.iter().all(Vec::is_empty) {
         return;
     }
     let _ = writeln!(
@@ -669,8 +693,14 @@ fn write_rush(md: &mut String, summary: &Summary, transports: &[&str], network: 
         network.label()
     );
     header(md, transports);
-    let figure =
-        |f: &dyn Fn(&super::rush::Rush) -> f64| rushes.iter().map(|r| r.map(f)).collect::<Vec<_>>();
+    let figure = |f: &dyn Fn(&Rush) -> f64| rushes.iter().map(|r| median(r, f)).collect::<Vec<_>>();
+    // Over several rounds, the worst round of what must be 0.
+    let worst = |f: &dyn Fn(&Rush) -> f64| {
+        rushes
+            .iter()
+            .map(|r| r.iter().map(|r| f(r)).reduce(f64::max))
+            .collect::<Vec<_>>()
+    };
     plain_row(md, "VUs", &figure(&|r| r.vus as f64), 0);
     plain_row(md, "units on sale", &figure(&|r| f64::from(r.stock)), 0);
     plain_row(
@@ -699,8 +729,8 @@ fn write_rush(md: &mut String, summary: &Summary, transports: &[&str], network: 
     );
     plain_row(
         md,
-        "other answers (unexpected)",
-        &figure(&|r| r.unexpected_answers as f64),
+        "other answers (unexpected; worst round)",
+        &worst(&|r| r.unexpected_answers as f64),
         0,
     );
     plain_row(
@@ -715,7 +745,12 @@ fn write_rush(md: &mut String, summary: &Summary, transports: &[&str], network: 
         &figure(&|r| r.units_sold_counted as f64),
         0,
     );
-    plain_row(md, "**oversell**", &figure(&|r| r.oversell as f64), 0);
+    plain_row(
+        md,
+        "**oversell** (worst round)",
+        &worst(&|r| r.oversell as f64),
+        0,
+    );
     row(
         md,
         "time to sell out ms",
