@@ -126,7 +126,7 @@ enum Bench {
     /// `<out-dir>/<date>-<short sha>.{md,svg,json}`.
     Compare {
         /// Measured phase of each scenario.
-        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
         /// Warm-up before it.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -146,7 +146,7 @@ enum Bench {
         modes: Vec<Transport>,
         /// Runs of every scenario over every transport (alternating which
         /// goes first); the report shows medians.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Also run every scenario with this round trip between the gateway
         /// and the services (network namespace + tc netem; needs root).

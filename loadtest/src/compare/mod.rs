@@ -191,7 +191,7 @@ impl Progress {
     pub fn status(&self, tick: u64, every: u64, message: impl std::fmt::Display) {
         if self.terminal {
             eprint!("\r\x1b[2K{} {message}", self.elapsed());
-        } else if tick % every == 0 {
+        } else if tick.is_multiple_of(every) {
             eprintln!("{} {message}", self.elapsed());
         }
     }

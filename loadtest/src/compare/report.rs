@@ -444,9 +444,15 @@ fn markdown_report(summary: &Summary, chart_file: &str) -> String {
             network,
             measured_rtt_ms,
         }) => {
+            let delay = match network {
+                Network::Delayed { rtt_ms } if *rtt_ms > 0.0 => {
+                    "delayed with `tc netem` by half the round trip at each end"
+                }
+                _ => "with no delay added (a control for the layout itself)",
+            };
             let _ = writeln!(
                 md,
-                "## With {}\n\nThe gateway and k6 ran in a network namespace behind a veth pair delayed with `tc netem` \
+                "## With {}\n\nThe gateway and k6 ran in a network namespace behind a veth pair {delay} \
                  (measured TCP round trip across it: {measured_rtt_ms:.2} ms); the services on the host. The gateway's rate \
                  limits were in-process (it cannot reach the host's Redis from there). The order → catalog hop stays on the host.\n",
                 network.label()
