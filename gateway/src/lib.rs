@@ -21,15 +21,12 @@ pub mod transcode;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{
-    http::{HeaderName, HeaderValue},
-    serve::ListenerExt,
-};
+use axum::{http::HeaderValue, serve::ListenerExt};
 use flashmesh_platform::{
     config::PlatformConfig,
     identity::{AuthServiceKeys, TokenVerifier},
     redis::RedisHandle,
-    telemetry::Telemetry,
+    telemetry::{self, Telemetry},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -137,7 +134,7 @@ impl GatewayApp {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let request_id = HeaderName::from_static("x-request-id");
+        let request_id = telemetry::X_REQUEST_ID;
         let mut router =
             self.gateway
                 .clone()
