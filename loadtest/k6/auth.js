@@ -18,6 +18,7 @@ import {
   USER_PASSWORD,
   VUS,
   body,
+  checkedIteration,
   get,
   httpThresholds,
   post,
@@ -30,7 +31,7 @@ export const options = {
   thresholds: httpThresholds(3000),
 };
 
-export function account() {
+export const account = checkedIteration(() => {
   const email = uniqueEmail('k6-auth');
   const credentials = { email, password: USER_PASSWORD };
   const signedUp = post('/v1/auth/signup', credentials, {
@@ -63,4 +64,4 @@ export function account() {
 
   const me = get('/v1/me', { token: rotated.access_token, name: 'GET /v1/me', op: 'get_me' });
   check(me, { 'account read': (r) => r.status === 200 && body(r)?.user?.email === email });
-}
+});

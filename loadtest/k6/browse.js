@@ -19,6 +19,7 @@ import {
   VUS,
   adminToken,
   body,
+  checkedIteration,
   createOpenDeal,
   get,
   httpThresholds,
@@ -42,7 +43,7 @@ export function setup() {
   return { hotDealId: deals[0] };
 }
 
-export function browse(data) {
+export const browse = checkedIteration((data) => {
   const deals = get('/v1/deals?states=DEAL_STATE_ACTIVE&page_size=20', {
     name: 'GET /v1/deals',
     op: 'list_deals',
@@ -63,4 +64,4 @@ export function browse(data) {
   check(products, {
     'products listed': (r) => r.status === 200 && (body(r)?.products?.length ?? 0) > 0,
   });
-}
+});

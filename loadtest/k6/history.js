@@ -22,6 +22,7 @@ import {
   VUS,
   adminToken,
   body,
+  checkedIteration,
   createOpenDeal,
   get,
   httpThresholds,
@@ -54,7 +55,7 @@ export function setup() {
   return { buyers: users.map((user, i) => ({ token: user.token, orderIds: orders[i] })) };
 }
 
-export function history(data) {
+export const history = checkedIteration((data) => {
   const buyer = data.buyers[(exec.vu.idInTest - 1) % data.buyers.length];
   const list = get(`/v1/orders?page_size=${PAGE_SIZE}`, {
     token: buyer.token,
@@ -72,4 +73,4 @@ export function history(data) {
     op: 'get_order',
   });
   check(order, { 'order read': (r) => r.status === 200 && body(r)?.order?.id === id });
-}
+});

@@ -30,6 +30,7 @@ import {
   VUS,
   adminToken,
   body,
+  checkedIteration,
   createOpenDeal,
   get,
   httpThresholds,
@@ -78,7 +79,7 @@ function accessToken(data) {
   return session.accessToken;
 }
 
-export function journey(data) {
+export const journey = checkedIteration((data) => {
   const token = accessToken(data);
 
   const deals = get('/v1/deals?states=DEAL_STATE_ACTIVE&page_size=20', {
@@ -104,4 +105,4 @@ export function journey(data) {
 
   const read = get(`/v1/orders/${order.id}`, { token, name: 'GET /v1/orders/{id}', op: 'get_order' });
   check(read, { 'order read back': (r) => r.status === 200 && body(r)?.order?.id === order.id });
-}
+});

@@ -21,8 +21,9 @@
 // units taken from the deal.
 //
 // Thresholds: rush_unexpected count == 0; the oversell checks all pass;
-// rush_units_accepted count <= RUSH_STOCK; at least one SOLD_OUT; < 1% failed
-// requests in the main scenario (409s are expected answers there).
+// rush_units_accepted count <= RUSH_STOCK; at least one SOLD_OUT; in the main
+// scenario < 1% failed requests (409s are expected answers there), p(99) <
+// 2000 ms, and no VU's run ended in an exception.
 //
 // Env: BASE_URL, VUS, DURATION (the longest the sale may take), WARMUP,
 // ADMIN_EMAIL, ADMIN_PASSWORD, RUSH_STOCK (1000), RUSH_LIMIT (2), RUSH_LEAD
@@ -39,6 +40,7 @@ import {
   WARMUP_MS,
   adminToken,
   body,
+  checkedIteration,
   createDeal,
   durationMs,
   get,
@@ -85,7 +87,9 @@ export const options = {
     rush_units_accepted: [`count<=${STOCK}`],
     rush_sold_out: ['count>0'],
     'checks{rush:oversell}': ['rate==1'],
+    'checks{scenario:main}': ['rate==1'],
     'http_req_failed{scenario:main}': ['rate<0.01'],
+    'http_req_duration{scenario:main}': ['p(99)<2000'],
   },
   setupTimeout: '10m',
 };
@@ -137,7 +141,7 @@ function buy(data, token) {
   return UNEXPECTED;
 }
 
-export function rush(data) {
+export const rush = checkedIteration((data) => {
   if (exec.scenario.name !== 'main') {
     readDeal(data);
     return;
@@ -166,7 +170,7 @@ export function rush(data) {
       }
     }
   }
-}
+});
 
 /**
  * The confirmed units of the deal in the buyers' orders: in all, the most

@@ -41,16 +41,16 @@ impl K6 {
     /// Runs `loadtest/k6/<script>` with `vars` over the defaults; asserts it
     /// passed its thresholds and returns its summary export.
     async fn run(&self, script: &str, vars: &[(&str, &str)]) -> Value {
-        let summary = self.summaries.path().join(script.replace('/', "-") + ".json");
+        let summary = self
+            .summaries
+            .path()
+            .join(script.replace('/', "-") + ".json");
         let mut command = tokio::process::Command::new(tools().join("k6"));
         command
             .arg("run")
             .args(["--quiet", "--no-color"])
             .arg(format!("--summary-export={}", summary.display()))
-            .args([
-                "--summary-trend-stats",
-                "avg,min,med,max,p(90),p(95),p(99)",
-            ])
+            .args(["--summary-trend-stats", "avg,min,med,max,p(90),p(95),p(99)"])
             .env("K6_NO_USAGE_REPORT", "true")
             .kill_on_drop(true);
         let defaults = [
@@ -76,7 +76,11 @@ impl K6 {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(output.status.success(), "k6 run {script}: {}\n{text}", output.status);
+        assert!(
+            output.status.success(),
+            "k6 run {script}: {}\n{text}",
+            output.status
+        );
         let exported = std::fs::read_to_string(&summary)
             .unwrap_or_else(|e| panic!("{script} wrote no summary ({e}):\n{text}"));
         serde_json::from_str(&exported).expect("the summary export is JSON")
@@ -156,10 +160,7 @@ async fn every_k6_script_passes_its_thresholds(backend: Backend) {
                     .await;
                 // Exactly the stock sold, one unit per order; everyone after
                 // it told SOLD_OUT; nothing else went wrong.
-                assert_eq!(
-                    figure(&summary, "rush_units_accepted", "count"),
-                    RUSH_STOCK
-                );
+                assert_eq!(figure(&summary, "rush_units_accepted", "count"), RUSH_STOCK);
                 assert_eq!(
                     figure(&summary, "rush_orders_accepted", "count"),
                     RUSH_STOCK
@@ -251,7 +252,10 @@ fn ghz_configs_call_real_rpcs_with_real_fields() {
             serde_json::from_str(&std::fs::read_to_string(&path).expect("readable"))
                 .unwrap_or_else(|e| panic!("{file}: not a JSON object: {e}"));
         for key in config.keys() {
-            assert!(GHZ_KEYS.contains(&key.as_str()), "{file}: {key:?} is no ghz key");
+            assert!(
+                GHZ_KEYS.contains(&key.as_str()),
+                "{file}: {key:?} is no ghz key"
+            );
         }
         let call = method(&pool, config["call"].as_str().expect("call"));
         // Paths are relative to the repository root, where ghz is run.

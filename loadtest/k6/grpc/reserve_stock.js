@@ -23,7 +23,7 @@
 import { check } from 'k6';
 import exec from 'k6/execution';
 import grpc from 'k6/net/grpc';
-import { adminToken, createOpenDeal, positiveInt } from '../lib/flashmesh.js';
+import { adminToken, checkedIteration, createOpenDeal, positiveInt } from '../lib/flashmesh.js';
 import { catalog, grpcScenarios, grpcThresholds } from '../lib/grpc.js';
 
 const STOCK = positiveInt('RESERVE_STOCK', 10000000);
@@ -44,7 +44,7 @@ export function setup() {
   return { dealId: createOpenDeal(adminToken(), 'k6 grpc reserve product', STOCK, STOCK).id };
 }
 
-export function reserveStock(data) {
+export const reserveStock = checkedIteration((data) => {
   const response = catalog().invoke(
     'flashmesh.catalog.v1.CatalogService/ReserveStock',
     {
@@ -58,4 +58,4 @@ export function reserveStock(data) {
   check(response, {
     'one unit reserved': (r) => r.status === grpc.StatusOK && r.message.reservation.quantity === 1,
   });
-}
+});

@@ -10,7 +10,7 @@
 // load run, or the scripts measure 429s.
 
 import http from 'k6/http';
-import { fail } from 'k6';
+import { check, fail } from 'k6';
 
 /** The gateway, e.g. `flashmesh up`'s. */
 export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
@@ -77,6 +77,23 @@ export function scenarios(main) {
   }
   all.main = { ...main, startTime: WARMUP_MS > 0 ? WARMUP : '0s' };
   return all;
+}
+
+/**
+ * `iteration` as a scenario function whose exceptions count as a failed
+ * check (and still end the iteration). A threshold on a metric with no
+ * samples passes, so an iteration that threw before its checks would
+ * otherwise leave `checks` empty and the run green.
+ */
+export function checkedIteration(iteration) {
+  return (data) => {
+    try {
+      iteration(data);
+    } catch (error) {
+      check(error, { 'iteration ran to its end': () => false });
+      throw error;
+    }
+  };
 }
 
 /**
