@@ -13,7 +13,6 @@
 // BROWSE_DEALS. Every request comes from one IP: raise the gateway's
 // FLASHMESH_RATE_LIMIT_IP for a load run.
 
-import { check } from 'k6';
 import {
   DURATION,
   VUS,
@@ -21,6 +20,7 @@ import {
   body,
   checkedIteration,
   createOpenDeal,
+  expectAnswer,
   get,
   httpThresholds,
   positiveInt,
@@ -48,20 +48,18 @@ export const browse = checkedIteration((data) => {
     name: 'GET /v1/deals',
     op: 'list_deals',
   });
-  check(deals, {
-    'deals listed': (r) => r.status === 200 && (body(r)?.deals?.length ?? 0) > 0,
-  });
+  expectAnswer(deals, 'deals listed', (r) => r.status === 200 && (body(r)?.deals?.length ?? 0) > 0);
 
   const deal = get(`/v1/deals/${data.hotDealId}`, { name: 'GET /v1/deals/{id}', op: 'get_deal' });
-  check(deal, {
-    'deal read': (r) => r.status === 200 && body(r)?.deal?.id === data.hotDealId,
-  });
+  expectAnswer(deal, 'deal read', (r) => r.status === 200 && body(r)?.deal?.id === data.hotDealId);
 
   const products = get('/v1/products?page_size=20', {
     name: 'GET /v1/products',
     op: 'list_products',
   });
-  check(products, {
-    'products listed': (r) => r.status === 200 && (body(r)?.products?.length ?? 0) > 0,
-  });
+  expectAnswer(
+    products,
+    'products listed',
+    (r) => r.status === 200 && (body(r)?.products?.length ?? 0) > 0,
+  );
 });

@@ -15,7 +15,6 @@
 // HISTORY_USERS, HISTORY_ORDERS. Raise the gateway's FLASHMESH_RATE_LIMIT_IP
 // and FLASHMESH_RATE_LIMIT_USER for a load run (each VU is one user).
 
-import { check } from 'k6';
 import exec from 'k6/execution';
 import {
   DURATION,
@@ -24,6 +23,7 @@ import {
   body,
   checkedIteration,
   createOpenDeal,
+  expectAnswer,
   get,
   httpThresholds,
   pick,
@@ -62,9 +62,11 @@ export const history = checkedIteration((data) => {
     name: 'GET /v1/orders',
     op: 'list_orders',
   });
-  check(list, {
-    'orders listed': (r) => r.status === 200 && (body(r)?.orders?.length ?? 0) === PAGE_SIZE,
-  });
+  expectAnswer(
+    list,
+    'orders listed',
+    (r) => r.status === 200 && (body(r)?.orders?.length ?? 0) === PAGE_SIZE,
+  );
 
   const id = pick(buyer.orderIds);
   const order = get(`/v1/orders/${id}`, {
@@ -72,5 +74,5 @@ export const history = checkedIteration((data) => {
     name: 'GET /v1/orders/{id}',
     op: 'get_order',
   });
-  check(order, { 'order read': (r) => r.status === 200 && body(r)?.order?.id === id });
+  expectAnswer(order, 'order read', (r) => r.status === 200 && body(r)?.order?.id === id);
 });

@@ -44,6 +44,7 @@ import {
   createDeal,
   durationMs,
   get,
+  logFailure,
   orderRequest,
   positiveInt,
   request,
@@ -134,10 +135,12 @@ function buy(data, token) {
     return SOLD_OUT;
   }
   // A clock a few ms ahead of the server's: the deal is still scheduled.
-  if (response.status === 409 && answer?.code === 'DEAL_NOT_ACTIVE' && Date.now() - data.startsAtMs < 1000) {
+  const early = Date.now() - data.startsAtMs < 1000;
+  if (response.status === 409 && answer?.code === 'DEAL_NOT_ACTIVE' && early) {
     return TOO_EARLY;
   }
   unexpected.add(1);
+  logFailure('an unexpected answer in the rush', response);
   return UNEXPECTED;
 }
 

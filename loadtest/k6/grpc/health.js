@@ -9,9 +9,8 @@
 //
 // Env: CATALOG_ADDR (127.0.0.1:50052), VUS, DURATION, WARMUP. gRPC mode only.
 
-import { check } from 'k6';
 import grpc from 'k6/net/grpc';
-import { checkedIteration } from '../lib/flashmesh.js';
+import { checkedIteration, expectAnswer } from '../lib/flashmesh.js';
 import { catalogByReflection, grpcScenarios, grpcThresholds } from '../lib/grpc.js';
 
 export const options = {
@@ -21,7 +20,9 @@ export const options = {
 
 export const healthCheck = checkedIteration(() => {
   const response = catalogByReflection().invoke('grpc.health.v1.Health/Check', {});
-  check(response, {
-    serving: (r) => r.status === grpc.StatusOK && r.message.status === 'SERVING',
-  });
+  expectAnswer(
+    response,
+    'serving',
+    (r) => r.status === grpc.StatusOK && r.message.status === 'SERVING',
+  );
 });

@@ -20,10 +20,15 @@
 // VUS, DURATION, WARMUP, ADMIN_EMAIL, ADMIN_PASSWORD, RESERVE_STOCK. gRPC
 // mode only.
 
-import { check } from 'k6';
 import exec from 'k6/execution';
 import grpc from 'k6/net/grpc';
-import { adminToken, checkedIteration, createOpenDeal, positiveInt } from '../lib/flashmesh.js';
+import {
+  adminToken,
+  checkedIteration,
+  createOpenDeal,
+  expectAnswer,
+  positiveInt,
+} from '../lib/flashmesh.js';
 import { catalog, grpcScenarios, grpcThresholds } from '../lib/grpc.js';
 
 const STOCK = positiveInt('RESERVE_STOCK', 10000000);
@@ -55,7 +60,9 @@ export const reserveStock = checkedIteration((data) => {
     },
     { metadata: { authorization: `Bearer ${SERVICE_TOKEN}` } },
   );
-  check(response, {
-    'one unit reserved': (r) => r.status === grpc.StatusOK && r.message.reservation.quantity === 1,
-  });
+  expectAnswer(
+    response,
+    'one unit reserved',
+    (r) => r.status === grpc.StatusOK && r.message.reservation.quantity === 1,
+  );
 });

@@ -166,6 +166,37 @@ export function body(response) {
   }
 }
 
+/** Failed answers logged per VU at most, so a broken run does not flood the output. */
+const MAX_LOGGED_FAILURES = 5;
+let loggedFailures = 0;
+
+/**
+ * Logs what came back in `response` (HTTP, or gRPC from k6/net/grpc) when
+ * `what` went wrong, the first few times in each VU.
+ */
+export function logFailure(what, response) {
+  if (loggedFailures < MAX_LOGGED_FAILURES) {
+    loggedFailures += 1;
+    const answer =
+      response.body !== undefined
+        ? `HTTP ${response.status} ${response.error || ''} ${String(response.body).slice(0, 500)}`
+        : `gRPC status ${response.status} ${JSON.stringify(response.error)}`;
+    console.warn(`${what}: ${answer}`);
+  }
+}
+
+/**
+ * Checks `response` with `predicate` under `name`, logging the answer when
+ * it fails (see logFailure). Returns whether it passed.
+ */
+export function expectAnswer(response, name, predicate) {
+  const passed = check(response, { [name]: predicate });
+  if (!passed) {
+    logFailure(`check "${name}" failed`, response);
+  }
+  return passed;
+}
+
 /** Stops the run (in setup or teardown) with what the server said. */
 function refuse(what, response) {
   fail(`${what}: HTTP ${response.status} ${response.error || ''} ${response.body || ''}`);
