@@ -27,7 +27,7 @@ export const ADMIN_PASSWORD = __ENV.ADMIN_PASSWORD || 'flashmesh admin password'
 export const USER_PASSWORD = 'k6 load test password';
 
 /** Accepts 2xx only: a 3xx is as wrong as a 4xx for this API. */
-export const ONLY_2XX = http.expectedStatuses({ min: 200, max: 299 });
+const ONLY_2XX = http.expectedStatuses({ min: 200, max: 299 });
 
 export function positiveInt(name, fallback) {
   const raw = __ENV[name];
@@ -119,7 +119,7 @@ function headers(token, extra) {
 }
 
 /**
- * Request options: the bearer `token`, extra `headers`, `name` (the route
+ * Request options: the bearer `token`, `extraHeaders`, `name` (the route
  * template, so ids do not split the metrics) and `op` (a short tag for
  * per-operation thresholds), and a `responseCallback` when some non-2xx
  * answers are expected.
@@ -170,18 +170,18 @@ export function body(response) {
 const MAX_LOGGED_FAILURES = 5;
 let loggedFailures = 0;
 
-/**
- * Logs what came back in `response` (HTTP, or gRPC from k6/net/grpc) when
- * `what` went wrong, the first few times in each VU.
- */
+/** What came back in `response` (HTTP, or gRPC from k6/net/grpc), for a log line. */
+function answerText(response) {
+  return response.body !== undefined
+    ? `HTTP ${response.status} ${response.error || ''} ${String(response.body).slice(0, 500)}`
+    : `gRPC status ${response.status} ${JSON.stringify(response.error)}`;
+}
+
+/** Logs what came back when `what` went wrong, the first few times in each VU. */
 export function logFailure(what, response) {
   if (loggedFailures < MAX_LOGGED_FAILURES) {
     loggedFailures += 1;
-    const answer =
-      response.body !== undefined
-        ? `HTTP ${response.status} ${response.error || ''} ${String(response.body).slice(0, 500)}`
-        : `gRPC status ${response.status} ${JSON.stringify(response.error)}`;
-    console.warn(`${what}: ${answer}`);
+    console.warn(`${what}: ${answerText(response)}`);
   }
 }
 
@@ -199,7 +199,7 @@ export function expectAnswer(response, name, predicate) {
 
 /** Stops the run (in setup or teardown) with what the server said. */
 function refuse(what, response) {
-  fail(`${what}: HTTP ${response.status} ${response.error || ''} ${response.body || ''}`);
+  fail(`${what}: ${answerText(response)}`);
 }
 
 /** The JSON body of a 200 answer; anything else stops the run. */
@@ -298,10 +298,8 @@ const SIGNUP_BATCH = 16;
 export function signUpUsers(count, prefix) {
   const users = [];
   while (users.length < count) {
-    const emails = [];
-    for (let i = users.length; i < Math.min(count, users.length + SIGNUP_BATCH); i++) {
-      emails.push(uniqueEmail(prefix));
-    }
+    const batch = Math.min(SIGNUP_BATCH, count - users.length);
+    const emails = Array.from({ length: batch }, () => uniqueEmail(prefix));
     const responses = http.batch(
       emails.map((email) =>
         request(
