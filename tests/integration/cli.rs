@@ -1,16 +1,16 @@
 //! The `flashmesh` binary as users run it, driven by the clients they use:
 //! grpcurl, a Python grpcio client, buf.
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
-use crate::common::{Backend, StackEnv, configuration_variables, repo_root, tools};
+use crate::common::{
+    Backend, StackEnv, configuration_variables, create_admin, flashmesh, repo_root, tools,
+};
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
 };
-
-const BINARY: &str = env!("CARGO_BIN_EXE_flashmesh");
 
 on_both_backends!(
     up_serves_auth_to_grpcurl,
@@ -19,28 +19,6 @@ on_both_backends!(
     grpcurl_places_an_order_through_up,
     admin_command_creates_and_promotes_admins,
 );
-
-/// `flashmesh <args>` with the test stack's configuration and nothing
-/// inherited that could point it elsewhere.
-fn flashmesh(stack: &StackEnv, args: &[&str]) -> Command {
-    let mut command = Command::new(BINARY);
-    command
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
-        .env("RUST_LOG", "warn")
-        .env("FLASHMESH_AUTH_ADDR", "127.0.0.1:0")
-        .env("FLASHMESH_CATALOG_ADDR", "127.0.0.1:0")
-        .env("FLASHMESH_ORDER_ADDR", "127.0.0.1:0")
-        .env("FLASHMESH_GATEWAY_ADDR", "127.0.0.1:0")
-        .env("FLASHMESH_METRICS_ADDR", "127.0.0.1:0")
-        .envs(stack.vars())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
 
 /// `flashmesh up`, running until dropped or stopped.
 struct Stack {
@@ -266,28 +244,6 @@ async fn up_serves_auth_to_grpcurl(backend: Backend) {
     .await;
     assert!(ok && described.contains("rpc GetJwks"), "{described}");
     stack.stop().await;
-}
-
-/// Creates an admin with `flashmesh admin`; returns its email and its
-/// credentials as a Login request body.
-async fn create_admin(env: &StackEnv) -> (String, String) {
-    let email = crate::common::unique_email();
-    let mut admin = flashmesh(env, &["admin", "--email", &email])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("spawn admin");
-    let mut stdin = admin.stdin.take().expect("stdin");
-    stdin.write_all(b"admin password 1\n").await.unwrap();
-    drop(stdin);
-    let output = admin.wait_with_output().await.expect("admin finishes");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let credentials =
-        serde_json::json!({"email": email, "password": "admin password 1"}).to_string();
-    (email, credentials)
 }
 
 /// The `authorization` metadata line for whoever `credentials` log in.

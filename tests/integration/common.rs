@@ -11,7 +11,7 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
-    process::Command,
+    process::{Command, Stdio},
     sync::{Arc, Mutex, OnceLock},
 };
 
@@ -617,6 +617,59 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The `flashmesh` binary under test.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_flashmesh");
+
+/// `flashmesh <args>` with the test stack's configuration and nothing
+/// inherited that could point it elsewhere.
+pub fn flashmesh(stack: &StackEnv, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(BINARY);
+    command
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env("RUST_LOG", "warn")
+        .env("FLASHMESH_AUTH_ADDR", "127.0.0.1:0")
+        .env("FLASHMESH_CATALOG_ADDR", "127.0.0.1:0")
+        .env("FLASHMESH_ORDER_ADDR", "127.0.0.1:0")
+        .env("FLASHMESH_GATEWAY_ADDR", "127.0.0.1:0")
+        .env("FLASHMESH_METRICS_ADDR", "127.0.0.1:0")
+        .envs(stack.vars())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// The password of the admins `create_admin` makes.
+pub const ADMIN_PASSWORD: &str = "admin password 1";
+
+/// Creates an admin with `flashmesh admin`, as an operator does; returns its
+/// email and its credentials as a Login request body.
+pub async fn create_admin(env: &StackEnv) -> (String, String) {
+    use tokio::io::AsyncWriteExt;
+    let email = unique_email();
+    let mut admin = flashmesh(env, &["admin", "--email", &email])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn admin");
+    let mut stdin = admin.stdin.take().expect("stdin");
+    stdin
+        .write_all(format!("{ADMIN_PASSWORD}\n").as_bytes())
+        .await
+        .expect("write the password");
+    drop(stdin);
+    let output = admin.wait_with_output().await.expect("admin finishes");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let credentials = serde_json::json!({"email": email, "password": ADMIN_PASSWORD}).to_string();
+    (email, credentials)
 }
 
 /// The pinned outside tools (scripts/requirements-tools.txt), installed once per test

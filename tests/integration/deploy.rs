@@ -21,9 +21,8 @@ use serde_yaml::Value;
 use tonic::transport::Endpoint;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::common::{Backend, StackEnv, configuration_variables, repo_root, tools};
+use crate::common::{BINARY, Backend, StackEnv, configuration_variables, repo_root, tools};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_flashmesh");
 const OVERLAYS: &[&str] = &["dev", "prod"];
 /// The gRPC services, their listen-address variables and ports.
 const BACKENDS: &[(&str, &str, u64)] = &[

@@ -11,6 +11,7 @@ mod catalog;
 mod cli;
 mod deploy;
 mod gateway;
+mod loadtest_scripts;
 mod observability;
 mod order;
 mod order_faults;
