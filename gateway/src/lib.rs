@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod client_ip;
+pub mod compress;
 pub mod config;
 pub mod discovery;
 pub mod edge_auth;
@@ -31,16 +32,13 @@ use flashmesh_platform::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{
-    compression::{
-        CompressionLayer,
-        predicate::{DefaultPredicate, Predicate, SizeAbove},
-    },
     cors::{AllowOrigin, Any, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
 };
 
 use crate::{
     app::Gateway,
+    compress::CompressLargeLayer,
     config::{GatewayConfig, Upstream},
     edge_auth::EdgeAuth,
     observe::EdgeObserveLayer,
@@ -135,21 +133,19 @@ impl GatewayApp {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let request_id = telemetry::X_REQUEST_ID;
-        let mut router =
-            self.gateway
-                .clone()
-                .router()
-                // Small answers cost more to compress than they save.
-                .layer(CompressionLayer::new().compress_when(
-                    DefaultPredicate::new().and(SizeAbove::new(COMPRESS_ABOVE_BYTES)),
-                ))
-                .layer(EdgeObserveLayer::new(
-                    &self.telemetry,
-                    &self.gateway,
-                    self.public_metrics,
-                ))
-                .layer(PropagateRequestIdLayer::new(request_id.clone()))
-                .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+        let mut router = self
+            .gateway
+            .clone()
+            .router()
+            // Small answers cost more to compress than they save.
+            .layer(CompressLargeLayer::new(COMPRESS_ABOVE_BYTES))
+            .layer(EdgeObserveLayer::new(
+                &self.telemetry,
+                &self.gateway,
+                self.public_metrics,
+            ))
+            .layer(PropagateRequestIdLayer::new(request_id.clone()))
+            .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
         if !self.cors_origins.is_empty() {
             let origins = if self.cors_origins.iter().any(|o| o == "*") {
                 AllowOrigin::any()
