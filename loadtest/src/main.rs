@@ -117,6 +117,12 @@ enum Bench {
         #[arg(long, default_value_t = 1_000_000)]
         layer_calls: usize,
     },
+    /// The bench's OTLP/gRPC sink on its own, for `bench-tracing-instructions`:
+    /// accepts span exports on `addr` until stopped.
+    OtlpSink {
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        addr: std::net::SocketAddr,
+    },
 }
 
 #[tokio::main]
@@ -196,5 +202,6 @@ async fn main() -> anyhow::Result<()> {
             };
             trace_bench::tracing(&backends, &options).await
         }
+        Bench::OtlpSink { addr } => trace_bench::serve_sink(addr).await,
     }
 }
