@@ -29,6 +29,7 @@ use flashmesh_platform::{
     call::parse_grpc_timeout,
     config::Transport,
     identity::{Caller, TokenError},
+    telemetry,
     upstream::{
         BalancedChannel, UpstreamSettings, UpstreamUrlError, balanced_channel, system_resolver,
     },
@@ -208,21 +209,28 @@ fn timeout(headers: &HeaderMap, config: &GatewayConfig) -> Duration {
 }
 
 /// Headers passed to the upstream as gRPC metadata.
-const FORWARDED: &[&str] = &["authorization", "x-request-id", "traceparent", "tracestate"];
+const FORWARDED: [header::HeaderName; 4] = [
+    header::AUTHORIZATION,
+    telemetry::X_REQUEST_ID,
+    telemetry::TRACEPARENT,
+    telemetry::TRACESTATE,
+];
 
 fn upstream_request(
     message: DynamicMessage,
     headers: &HeaderMap,
 ) -> tonic::Request<DynamicMessage> {
-    let mut request = tonic::Request::new(message);
+    let mut metadata = HeaderMap::with_capacity(FORWARDED.len());
     for name in FORWARDED {
-        if let Some(value) = headers.get(*name)
-            && let Ok(value) = tonic::metadata::MetadataValue::try_from(value.as_bytes())
-        {
-            request.metadata_mut().insert(*name, value);
+        if let Some(value) = headers.get(&name) {
+            metadata.insert(name, value.clone());
         }
     }
-    request
+    tonic::Request::from_parts(
+        tonic::metadata::MetadataMap::from_headers(metadata),
+        tonic::Extensions::default(),
+        message,
+    )
 }
 
 async fn dispatch(

@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod client_ip;
+pub mod compress;
 pub mod config;
 pub mod discovery;
 pub mod edge_auth;
@@ -21,29 +22,23 @@ pub mod transcode;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{
-    http::{HeaderName, HeaderValue},
-    serve::ListenerExt,
-};
+use axum::{http::HeaderValue, serve::ListenerExt};
 use flashmesh_platform::{
     config::PlatformConfig,
     identity::{AuthServiceKeys, TokenVerifier},
     redis::RedisHandle,
-    telemetry::Telemetry,
+    telemetry::{self, Telemetry},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::{
-    compression::{
-        CompressionLayer,
-        predicate::{DefaultPredicate, Predicate, SizeAbove},
-    },
     cors::{AllowOrigin, Any, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
 };
 
 use crate::{
     app::Gateway,
+    compress::CompressLargeLayer,
     config::{GatewayConfig, Upstream},
     edge_auth::EdgeAuth,
     observe::EdgeObserveLayer,
@@ -137,22 +132,20 @@ impl GatewayApp {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let request_id = HeaderName::from_static("x-request-id");
-        let mut router =
-            self.gateway
-                .clone()
-                .router()
-                // Small answers cost more to compress than they save.
-                .layer(CompressionLayer::new().compress_when(
-                    DefaultPredicate::new().and(SizeAbove::new(COMPRESS_ABOVE_BYTES)),
-                ))
-                .layer(EdgeObserveLayer::new(
-                    &self.telemetry,
-                    &self.gateway,
-                    self.public_metrics,
-                ))
-                .layer(PropagateRequestIdLayer::new(request_id.clone()))
-                .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+        let request_id = telemetry::X_REQUEST_ID;
+        let mut router = self
+            .gateway
+            .clone()
+            .router()
+            // Small answers cost more to compress than they save.
+            .layer(CompressLargeLayer::new(COMPRESS_ABOVE_BYTES))
+            .layer(EdgeObserveLayer::new(
+                &self.telemetry,
+                &self.gateway,
+                self.public_metrics,
+            ))
+            .layer(PropagateRequestIdLayer::new(request_id.clone()))
+            .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
         if !self.cors_origins.is_empty() {
             let origins = if self.cors_origins.iter().any(|o| o == "*") {
                 AllowOrigin::any()

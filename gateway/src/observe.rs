@@ -151,7 +151,7 @@ impl Shared {
     fn context(&self, edge: &Edge, request: &mut Request) -> Option<Context> {
         let request_id = request
             .headers()
-            .get("x-request-id")
+            .get(telemetry::X_REQUEST_ID)
             .cloned()
             .map(RequestId);
         let cx = if self.telemetry.tracing() {

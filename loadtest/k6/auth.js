@@ -12,12 +12,13 @@
 // Env: BASE_URL, VUS, DURATION, WARMUP. Every request comes from one IP:
 // raise the gateway's FLASHMESH_RATE_LIMIT_IP for a load run.
 
-import { check } from 'k6';
 import {
   DURATION,
   USER_PASSWORD,
   VUS,
   body,
+  checkedIteration,
+  expectAnswer,
   get,
   httpThresholds,
   post,
@@ -30,20 +31,25 @@ export const options = {
   thresholds: httpThresholds(3000),
 };
 
-export function account() {
+export const account = checkedIteration(() => {
   const email = uniqueEmail('k6-auth');
   const credentials = { email, password: USER_PASSWORD };
   const signedUp = post('/v1/auth/signup', credentials, {
     name: 'POST /v1/auth/signup',
     op: 'signup',
   });
-  if (!check(signedUp, { 'signed up': (r) => r.status === 200 })) {
+  if (!expectAnswer(signedUp, 'signed up', (r) => r.status === 200)) {
     return;
   }
 
   const loggedIn = post('/v1/auth/login', credentials, { name: 'POST /v1/auth/login', op: 'login' });
   const tokens = body(loggedIn)?.tokens;
-  if (!check(loggedIn, { 'logged in': (r) => r.status === 200 && Boolean(tokens?.refresh_token) })) {
+  const hasTokens = expectAnswer(
+    loggedIn,
+    'logged in',
+    (r) => r.status === 200 && Boolean(tokens?.refresh_token),
+  );
+  if (!hasTokens) {
     return;
   }
 
@@ -53,14 +59,18 @@ export function account() {
     { name: 'POST /v1/auth/refresh', op: 'refresh' },
   );
   const rotated = body(refreshed)?.tokens;
-  const wasRotated = check(refreshed, {
-    'refresh token rotated': (r) =>
-      r.status === 200 && Boolean(rotated?.refresh_token) && rotated.refresh_token !== tokens.refresh_token,
-  });
+  const wasRotated = expectAnswer(
+    refreshed,
+    'refresh token rotated',
+    (r) =>
+      r.status === 200 &&
+      Boolean(rotated?.refresh_token) &&
+      rotated.refresh_token !== tokens.refresh_token,
+  );
   if (!wasRotated) {
     return;
   }
 
   const me = get('/v1/me', { token: rotated.access_token, name: 'GET /v1/me', op: 'get_me' });
-  check(me, { 'account read': (r) => r.status === 200 && body(r)?.user?.email === email });
-}
+  expectAnswer(me, 'account read', (r) => r.status === 200 && body(r)?.user?.email === email);
+});

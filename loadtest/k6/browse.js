@@ -13,13 +13,14 @@
 // BROWSE_DEALS. Every request comes from one IP: raise the gateway's
 // FLASHMESH_RATE_LIMIT_IP for a load run.
 
-import { check } from 'k6';
 import {
   DURATION,
   VUS,
   adminToken,
   body,
+  checkedIteration,
   createOpenDeal,
+  expectAnswer,
   get,
   httpThresholds,
   positiveInt,
@@ -42,25 +43,23 @@ export function setup() {
   return { hotDealId: deals[0] };
 }
 
-export function browse(data) {
+export const browse = checkedIteration((data) => {
   const deals = get('/v1/deals?states=DEAL_STATE_ACTIVE&page_size=20', {
     name: 'GET /v1/deals',
     op: 'list_deals',
   });
-  check(deals, {
-    'deals listed': (r) => r.status === 200 && (body(r)?.deals?.length ?? 0) > 0,
-  });
+  expectAnswer(deals, 'deals listed', (r) => r.status === 200 && (body(r)?.deals?.length ?? 0) > 0);
 
   const deal = get(`/v1/deals/${data.hotDealId}`, { name: 'GET /v1/deals/{id}', op: 'get_deal' });
-  check(deal, {
-    'deal read': (r) => r.status === 200 && body(r)?.deal?.id === data.hotDealId,
-  });
+  expectAnswer(deal, 'deal read', (r) => r.status === 200 && body(r)?.deal?.id === data.hotDealId);
 
   const products = get('/v1/products?page_size=20', {
     name: 'GET /v1/products',
     op: 'list_products',
   });
-  check(products, {
-    'products listed': (r) => r.status === 200 && (body(r)?.products?.length ?? 0) > 0,
-  });
-}
+  expectAnswer(
+    products,
+    'products listed',
+    (r) => r.status === 200 && (body(r)?.products?.length ?? 0) > 0,
+  );
+});

@@ -15,14 +15,15 @@
 // HISTORY_USERS, HISTORY_ORDERS. Raise the gateway's FLASHMESH_RATE_LIMIT_IP
 // and FLASHMESH_RATE_LIMIT_USER for a load run (each VU is one user).
 
-import { check } from 'k6';
 import exec from 'k6/execution';
 import {
   DURATION,
   VUS,
   adminToken,
   body,
+  checkedIteration,
   createOpenDeal,
+  expectAnswer,
   get,
   httpThresholds,
   pick,
@@ -54,16 +55,18 @@ export function setup() {
   return { buyers: users.map((user, i) => ({ token: user.token, orderIds: orders[i] })) };
 }
 
-export function history(data) {
+export const history = checkedIteration((data) => {
   const buyer = data.buyers[(exec.vu.idInTest - 1) % data.buyers.length];
   const list = get(`/v1/orders?page_size=${PAGE_SIZE}`, {
     token: buyer.token,
     name: 'GET /v1/orders',
     op: 'list_orders',
   });
-  check(list, {
-    'orders listed': (r) => r.status === 200 && (body(r)?.orders?.length ?? 0) === PAGE_SIZE,
-  });
+  expectAnswer(
+    list,
+    'orders listed',
+    (r) => r.status === 200 && (body(r)?.orders?.length ?? 0) === PAGE_SIZE,
+  );
 
   const id = pick(buyer.orderIds);
   const order = get(`/v1/orders/${id}`, {
@@ -71,5 +74,5 @@ export function history(data) {
     name: 'GET /v1/orders/{id}',
     op: 'get_order',
   });
-  check(order, { 'order read': (r) => r.status === 200 && body(r)?.order?.id === id });
-}
+  expectAnswer(order, 'order read', (r) => r.status === 200 && body(r)?.order?.id === id);
+});

@@ -21,7 +21,6 @@
 // and FLASHMESH_RATE_LIMIT_USER for a load run (each VU is one user).
 
 import http from 'k6/http';
-import { check } from 'k6';
 import exec from 'k6/execution';
 import { Counter } from 'k6/metrics';
 import {
@@ -30,7 +29,9 @@ import {
   VUS,
   adminToken,
   body,
+  checkedIteration,
   createOpenDeal,
+  expectAnswer,
   get,
   httpThresholds,
   login,
@@ -78,30 +79,34 @@ function accessToken(data) {
   return session.accessToken;
 }
 
-export function journey(data) {
+export const journey = checkedIteration((data) => {
   const token = accessToken(data);
 
   const deals = get('/v1/deals?states=DEAL_STATE_ACTIVE&page_size=20', {
     name: 'GET /v1/deals',
     op: 'list_deals',
   });
-  check(deals, { 'deals listed': (r) => r.status === 200 && (body(r)?.deals?.length ?? 0) > 0 });
+  expectAnswer(deals, 'deals listed', (r) => r.status === 200 && (body(r)?.deals?.length ?? 0) > 0);
 
   const deal = get(`/v1/deals/${data.dealId}`, { name: 'GET /v1/deals/{id}', op: 'get_deal' });
-  check(deal, {
-    'deal is active': (r) => r.status === 200 && body(r)?.deal?.state === 'DEAL_STATE_ACTIVE',
-  });
+  expectAnswer(
+    deal,
+    'deal is active',
+    (r) => r.status === 200 && body(r)?.deal?.state === 'DEAL_STATE_ACTIVE',
+  );
 
   const placed = http.request(...orderRequest(token, data.dealId));
   const order = body(placed)?.order;
-  const confirmed = check(placed, {
-    'order placed': (r) => r.status === 200 && order?.state === 'ORDER_STATE_CONFIRMED',
-  });
+  const confirmed = expectAnswer(
+    placed,
+    'order placed',
+    (r) => r.status === 200 && order?.state === 'ORDER_STATE_CONFIRMED',
+  );
   if (!confirmed) {
     return;
   }
   ordersPlaced.add(1);
 
   const read = get(`/v1/orders/${order.id}`, { token, name: 'GET /v1/orders/{id}', op: 'get_order' });
-  check(read, { 'order read back': (r) => r.status === 200 && body(r)?.order?.id === order.id });
-}
+  expectAnswer(read, 'order read back', (r) => r.status === 200 && body(r)?.order?.id === order.id);
+});

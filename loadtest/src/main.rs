@@ -163,6 +163,12 @@ enum Bench {
         #[arg(long)]
         k6: Option<PathBuf>,
     },
+    /// The bench's OTLP/gRPC sink on its own, for `bench-tracing-instructions`:
+    /// accepts span exports on `addr` until stopped.
+    OtlpSink {
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        addr: std::net::SocketAddr,
+    },
 }
 
 #[tokio::main]
@@ -281,5 +287,6 @@ async fn main() -> anyhow::Result<()> {
                 () = stop.cancelled() => bail!("interrupted"),
             }
         }
+        Bench::OtlpSink { addr } => trace_bench::serve_sink(addr).await,
     }
 }

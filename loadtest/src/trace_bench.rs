@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use flashmesh_platform::{
     config::Env,
     metrics::Metrics,
@@ -82,12 +83,39 @@ async fn start_sink() -> anyhow::Result<(String, SpanCounter)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let counter = SpanCounter::default();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(counter.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    tokio::spawn(sink(listener, counter.clone()));
     Ok((format!("http://{addr}"), counter))
+}
+
+fn sink(
+    listener: TcpListener,
+    counter: SpanCounter,
+) -> impl Future<Output = Result<(), tonic::transport::Error>> {
+    tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(counter))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+}
+
+/// The sink alone on `addr`, printing the spans received every second.
+pub async fn serve_sink(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let counter = SpanCounter::default();
+    let spans = counter.0.clone();
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = spans.load(Ordering::Relaxed);
+            if now != seen {
+                eprintln!("spans received: {now}");
+                seen = now;
+            }
+        }
+    });
+    sink(listener, counter).await?;
+    Ok(())
 }
 
 struct Measured {

@@ -1,14 +1,14 @@
 //! The `flashmesh` binary as users run it, driven by the clients they use:
 //! grpcurl, a Python grpcio client, buf.
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use crate::common::{
     Backend, StackEnv, configuration_variables, create_admin, flashmesh, repo_root, tools,
 };
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
 };
 

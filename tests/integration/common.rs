@@ -55,26 +55,100 @@ pub enum Backend {
     Postgres,
 }
 
-/// Generates one `#[tokio::test]` per backend for each `async fn(Backend)`.
+/// Generates one test per backend for each `async fn(Backend)`, and after
+/// `; with warnings:` for each `async fn(Backend, Warnings)` (see
+/// [`with_warnings`]).
 macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
+    ($($name:ident),* $(,)? $(; with warnings: $($logged:ident),* $(,)?)?) => {
         mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Embedded).await
-                }
-            )*
+            backend_tests!(Embedded; $($name),*; $($($logged),*)?);
         }
         mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Postgres).await
-                }
-            )*
+            backend_tests!(Postgres; $($name),*; $($($logged),*)?);
         }
     };
+}
+
+macro_rules! backend_tests {
+    ($backend:ident; $($name:ident),*; $($logged:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name($crate::common::Backend::$backend).await
+            }
+        )*
+        $(
+            #[test]
+            fn $logged() {
+                $crate::common::with_warnings(|warnings| {
+                    super::$logged($crate::common::Backend::$backend, warnings)
+                })
+            }
+        )*
+    };
+}
+
+/// What the services of one test logged at WARN and above, one line per
+/// event ("WARN target: message").
+#[derive(Clone, Default)]
+pub struct Warnings(Arc<Mutex<Vec<u8>>>);
+
+impl Warnings {
+    pub fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().expect("warnings"))
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl std::io::Write for Warnings {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("warnings").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Warnings {
+    type Writer = Warnings;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Runs `test` on a runtime of its own (two workers, as `#[tokio::test]`s
+/// here) every thread of which logs its warnings to the [`Warnings`] handed
+/// to `test`: the services' logs, unmixed with those of tests running beside
+/// it.
+pub fn with_warnings<F>(test: impl FnOnce(Warnings) -> F)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let warnings = Warnings::default();
+    let dispatch = tracing::Dispatch::new(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .without_time()
+            .with_writer(warnings.clone())
+            .finish(),
+    );
+    let on_worker = dispatch.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        // The default lasts as long as the thread, which ends with the
+        // runtime: no guard to keep.
+        .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&on_worker)))
+        .build()
+        .expect("a runtime");
+    let _on_test_thread = tracing::dispatcher::set_default(&dispatch);
+    runtime.block_on(test(warnings));
 }
 
 /// A PostgreSQL database that exists for one test.
@@ -225,7 +299,7 @@ impl StackEnv {
         self.data_dir.path().join("auth-keys")
     }
 
-    fn platform(&self) -> PlatformConfig {
+    pub fn platform(&self) -> PlatformConfig {
         PlatformConfig::from_env(&self.env).expect("platform config")
     }
 

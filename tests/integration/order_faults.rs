@@ -1,23 +1,41 @@
-//! The order service when its neighbours fail: the catalog stops, Redis
-//! stops, a stream entry arrives corrupted.
+//! The order service when its neighbours fail (the catalog stops, Redis
+//! stops, a stream entry arrives corrupted) and when its callers give up
+//! mid-call.
 
 use std::{
+    collections::HashSet,
     net::TcpListener as StdListener,
     path::Path,
     process::{Child, Command, Stdio},
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use crate::{
-    common::{Backend, OrderStack, StackEnv, create_deal, open_window, reason, redis_url},
+    common::{
+        Backend, OrderStack, StackEnv, Warnings, create_deal, now_ms, open_window, reason,
+        redis_url,
+    },
     order::{
         count, deal_remaining, deal_sales, eventually, live_reservations, new_key, place, users,
     },
 };
+use flashmesh_order::{
+    domain::{Order, OrderChange, OrderItem},
+    events::outbox_row,
+    storage::{Claim, ClaimOutcome, OrderStore, OutboxRow},
+};
+use flashmesh_platform::db::Database;
 use flashmesh_proto::order::v1::{self as pb, order_service_client::OrderServiceClient};
 use futures::future::join_all;
 use redis::AsyncCommands;
+use sqlx::{Connection, PgConnection};
 use tonic::Code;
+
+on_both_backends!(
+    a_transaction_given_up_at_any_await_never_swallows_later_writes;
+    with warnings: orders_given_up_by_their_callers_lose_nothing_and_leave_no_transaction_open,
+);
 
 /// One entry of the order stream, as a test reads it.
 pub struct Entry {
@@ -424,5 +442,300 @@ async fn a_corrupted_stream_entry_is_dead_lettered_and_acknowledged() {
     assert_eq!(
         count(store.pool(), "SELECT COUNT(*) FROM order_status").await,
         1
+    );
+}
+
+/// Polls `future` until it has waited `awaits` times, then drops it there,
+/// as a caller past its deadline or gone (a dropped handler) does.
+async fn give_up_after<F: Future>(future: F, awaits: usize) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut waited = 0;
+    std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => {
+            waited += 1;
+            if waited >= awaits {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
+fn new_claim() -> Claim {
+    Claim {
+        user_id: uuid::Uuid::now_v7().to_string(),
+        key: new_key(),
+        fingerprint: "f".to_owned(),
+        order_id: uuid::Uuid::now_v7().to_string(),
+        reservation_id: uuid::Uuid::now_v7().to_string(),
+    }
+}
+
+/// A one-unit order under `claim`, and its creation event.
+fn order_under(claim: &Claim) -> (Order, OutboxRow) {
+    let order = Order::confirmed(
+        claim.order_id.clone(),
+        claim.user_id.clone(),
+        claim.key.clone(),
+        OrderItem {
+            deal_id: uuid::Uuid::now_v7().to_string(),
+            product_id: uuid::Uuid::now_v7().to_string(),
+            quantity: 1,
+            unit_price_cents: 100,
+            reservation_id: claim.reservation_id.clone(),
+        },
+        now_ms(),
+    );
+    let event = outbox_row(
+        &OrderChange {
+            order: order.clone(),
+            previous: None,
+            occurred_at: order.created_at,
+        },
+        "",
+    );
+    (order, event)
+}
+
+async fn claim(store: &OrderStore, claim: &Claim) {
+    let now = now_ms();
+    let outcome = store
+        .claim(claim, now + 60_000, now + 60_000, now)
+        .await
+        .expect("claim");
+    assert!(matches!(outcome, ClaimOutcome::Claimed), "a fresh key");
+}
+
+/// A caller that gives up while a transaction is under way (at BEGIN, mid
+/// statement, at COMMIT) must leave the pooled connection outside any
+/// transaction: otherwise the next caller's "autocommit" writes run inside
+/// the leftover transaction, unseen by everyone else and lost when it rolls
+/// back (a PlaceOrder whose claim nobody else can see fails).
+async fn a_transaction_given_up_at_any_await_never_swallows_later_writes(backend: Backend) {
+    let mut env = StackEnv::new(backend).await;
+    // One connection, so every call reuses the one a given-up call held.
+    env.set("DATABASE_MAX_CONNECTIONS", "1");
+    let platform = env.platform();
+    let db = Database::connect(&platform, flashmesh_order::SCHEMA)
+        .await
+        .expect("the order database");
+    db.migrate(&flashmesh_order::MIGRATOR)
+        .await
+        .expect("migrations");
+    let store = OrderStore::new(db.pool().clone(), db.backend());
+    let observer = Database::connect(&platform, flashmesh_order::SCHEMA)
+        .await
+        .expect("a second pool");
+
+    for awaits in 1..=8 {
+        for round in 0..16 {
+            let taken = new_claim();
+            claim(&store, &taken).await;
+            let operation = if round % 2 == 0 {
+                if let Some(done) =
+                    give_up_after(store.abandon(&taken, true, now_ms()), awaits).await
+                {
+                    done.expect("abandon");
+                }
+                "abandon"
+            } else {
+                let (order, event) = order_under(&taken);
+                if let Some(done) =
+                    give_up_after(store.commit_order(&taken, &order, &event), awaits).await
+                {
+                    assert!(done.expect("commit_order"), "the claim is the caller's");
+                }
+                "commit_order"
+            };
+
+            let probe = new_claim();
+            claim(&store, &probe).await;
+            let seen = count(
+                observer.pool(),
+                &format!(
+                    "SELECT COUNT(*) FROM idempotency_keys WHERE reservation_id = '{}'",
+                    probe.reservation_id
+                ),
+            )
+            .await;
+            assert_eq!(
+                seen, 1,
+                "a claim written after {operation} was given up at await {awaits} \
+                 is visible to other connections"
+            );
+        }
+    }
+}
+
+/// Callers that give up mid-PlaceOrder, at every step (claim, reserve,
+/// commit), by deadline (`grpc-timeout`: the server drops the call) or by
+/// hanging up (the stream is reset: the server drops the call).
+async fn orders_given_up_by_their_callers_lose_nothing_and_leave_no_transaction_open(
+    backend: Backend,
+    warnings: Warnings,
+) {
+    const CALLS: usize = 2000;
+    const WAVE: usize = 50;
+    const STOCK: i32 = 1000;
+    let mut env = StackEnv::new(backend).await;
+    env.set("FLASHMESH_CONCURRENCY_LIMIT", "10000")
+        .set("FLASHMESH_REQUEST_TIMEOUT", "1s")
+        .set("FLASHMESH_CLAIM_LEASE", "2s")
+        .set("FLASHMESH_SWEEP_INTERVAL", "100ms")
+        // Commits wake the relay; no poll, so no transaction runs once the
+        // calls and the sweeps are over.
+        .set("FLASHMESH_OUTBOX_POLL", "1h");
+    let stack = env.start_orders().await;
+    let mut catalog = stack.catalog.catalog_client().await;
+    let deal = create_deal(
+        &mut catalog,
+        &stack.catalog.admin_token,
+        STOCK,
+        STOCK,
+        open_window(),
+    )
+    .await;
+    let tokens = users(&stack, 200).await;
+    // Waves of concurrent calls, each wave on a connection of its own: a
+    // server resets a connection on which too many streams were reset.
+    let mut answers = Vec::new();
+    for wave in 0..CALLS / WAVE {
+        let channel = stack.order.running.channel().await;
+        let calls = (wave * WAVE..(wave + 1) * WAVE).map(|i| {
+            let mut client = OrderServiceClient::new(channel.clone());
+            let mut request = place(
+                &deal.id,
+                1 + i32::from(i % 2 == 1),
+                &new_key(),
+                &tokens[i % tokens.len()],
+            );
+            // Most give up within 80 ms, a tenth waits long enough.
+            let patience = if i % 10 == 9 {
+                Duration::from_millis(900)
+            } else {
+                Duration::from_millis(1 + u64::try_from(i * 7 % 80).unwrap())
+            };
+            async move {
+                if i % 3 == 0 {
+                    tokio::time::timeout(patience, client.place_order(request))
+                        .await
+                        .unwrap_or_else(|_| Err(tonic::Status::cancelled("hung up")))
+                } else {
+                    request.set_timeout(patience);
+                    client.place_order(request).await
+                }
+            }
+        });
+        answers.extend(join_all(calls).await);
+    }
+    let mut accepted = HashSet::new();
+    let mut unexpected = Vec::new();
+    for answer in answers {
+        match answer {
+            Ok(response) => {
+                accepted.insert(response.into_inner().order.expect("an order").id);
+            }
+            Err(status) => match status.code() {
+                Code::DeadlineExceeded | Code::Cancelled | Code::Unavailable => {}
+                Code::FailedPrecondition
+                    if ["SOLD_OUT", "LIMIT_EXCEEDED"].contains(&reason(&status).as_str()) => {}
+                _ => unexpected.push(status),
+            },
+        }
+    }
+    assert!(
+        unexpected.is_empty(),
+        "fresh keys fail only by deadline, hang-up or refusal: {unexpected:?}"
+    );
+    assert!(!accepted.is_empty(), "some callers waited long enough");
+
+    // Attempts given up after reserving are swept back once their lease
+    // runs out.
+    let store = stack.order.service.store().clone();
+    eventually(
+        Duration::from_secs(30),
+        "every given-up attempt settled",
+        || {
+            let store = store.clone();
+            async move {
+                count(
+                    store.pool(),
+                    "SELECT COUNT(*) FROM idempotency_keys WHERE state = 'in_progress'",
+                )
+                .await
+                    == 0
+                    && count(store.pool(), "SELECT COUNT(*) FROM stock_releases").await == 0
+            }
+        },
+    )
+    .await;
+
+    let stored: HashSet<String> = sqlx::query_scalar("SELECT id FROM orders")
+        .fetch_all(store.pool())
+        .await
+        .expect("order ids")
+        .into_iter()
+        .collect();
+    assert!(
+        accepted.is_subset(&stored),
+        "every accepted order is stored: {} of {} missing",
+        accepted.difference(&stored).count(),
+        accepted.len()
+    );
+    let ordered_units = count(
+        store.pool(),
+        "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM order_items",
+    )
+    .await;
+    let orders = i64::try_from(stored.len()).unwrap();
+    assert_eq!(
+        live_reservations(&stack, &deal.id).await,
+        (orders, ordered_units),
+        "every live reservation belongs to an order, and every order holds its units"
+    );
+    assert_eq!(
+        deal_remaining(&stack, &deal.id).await,
+        i64::from(STOCK) - ordered_units,
+        "the stock taken is the stock ordered, never more"
+    );
+
+    if let Some(database) = &env.database {
+        let mut admin = PgConnection::connect(&database.url)
+            .await
+            .expect("PostgreSQL");
+        let open: Vec<(String, String)> = sqlx::query_as(
+            "SELECT state, query FROM pg_stat_activity WHERE datname = current_database() \
+             AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .expect("pg_stat_activity");
+        assert!(
+            open.is_empty(),
+            "connections left inside a transaction: {open:?}"
+        );
+    }
+    let logged = |warning: &str| {
+        warnings
+            .lines()
+            .iter()
+            .filter(|line| line.contains(warning))
+            .count()
+    };
+    assert_eq!(
+        (
+            logged("already a transaction in progress"),
+            logged("no transaction in progress")
+        ),
+        (0, 0),
+        "every transaction ends as it was told to: no BEGIN inside a transaction left \
+         open on a pooled connection, no ROLLBACK queued behind a COMMIT given up on"
+    );
+    println!(
+        "{} of {CALLS} calls accepted, {orders} orders stored, {ordered_units} units ordered",
+        accepted.len()
     );
 }

@@ -6,11 +6,16 @@
 //! both backends and both pass the same tests. Each service owns a schema: on
 //! PostgreSQL a schema of its own named after the service (set as the
 //! connection's `search_path`), on SQLite a file of its own.
+//!
+//! Transactions go through [`begin`], [`commit`] and [`rollback`], which
+//! callers giving up cannot interrupt halfway; clippy.toml forbids sqlx's
+//! own.
 
 use std::{path::Path, time::Duration};
 
+use opentelemetry::context::FutureExt;
 use sqlx::{
-    AnyPool, Executor,
+    Any, AnyPool, Executor, Transaction,
     any::{AnyPoolOptions, install_default_drivers},
     migrate::{MigrateError, Migrator},
 };
@@ -170,6 +175,56 @@ impl Database {
             idle.set(idle_now);
             max.set(i64::from(pool.options().get_max_connections()));
         });
+    }
+}
+
+/// Begins a transaction on `pool`, such that a caller who stops waiting (a
+/// deadline, a client hanging up: its future is dropped) never leaves the
+/// connection inside a transaction.
+///
+/// `Pool::begin` cannot promise that on PostgreSQL (sqlx 0.8.6 and 0.9.0,
+/// sqlx issue #4393): the driver counts the transaction only once `BEGIN`
+/// is answered, and the rollback a dropped transaction queues keys on that
+/// count. A future dropped while `BEGIN` is in flight therefore returns its
+/// connection to the pool inside a transaction that nothing ends; the next
+/// borrowers' writes run in it, unseen by other connections and lost if it
+/// rolls back, and their `BEGIN` draws PostgreSQL's warning "there is
+/// already a transaction in progress". So `BEGIN` runs to completion in a
+/// task of its own; when the caller is gone by then, the task drops the
+/// counted transaction, which rolls it back before the connection is reused.
+#[allow(clippy::disallowed_methods)] // the sanctioned caller
+pub async fn begin(pool: &AnyPool) -> Result<Transaction<'static, Any>, sqlx::Error> {
+    let pool = pool.clone();
+    to_completion(async move { pool.begin().await }).await
+}
+
+/// Commits `tx`, to completion even if the caller stops waiting: the
+/// outcome is the server's answer to `COMMIT`, never a `ROLLBACK` queued
+/// behind a `COMMIT` already sent (which PostgreSQL answers with "there is
+/// no transaction in progress").
+#[allow(clippy::disallowed_methods)] // the sanctioned caller
+pub async fn commit(tx: Transaction<'static, Any>) -> Result<(), sqlx::Error> {
+    to_completion(tx.commit()).await
+}
+
+/// Rolls `tx` back, to completion even if the caller stops waiting (see
+/// [`commit`]).
+#[allow(clippy::disallowed_methods)] // the sanctioned caller
+pub async fn rollback(tx: Transaction<'static, Any>) -> Result<(), sqlx::Error> {
+    to_completion(tx.rollback()).await
+}
+
+/// Runs `work` in a task of its own, which finishes it whether or not the
+/// caller still waits; in the caller's trace context, so what it logs is
+/// the caller's.
+async fn to_completion<T: Send + 'static>(
+    work: impl Future<Output = Result<T, sqlx::Error>> + Send + 'static,
+) -> Result<T, sqlx::Error> {
+    match tokio::spawn(work.with_current_context()).await {
+        Ok(done) => done,
+        Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+        // The runtime is shutting down.
+        Err(cancelled) => Err(sqlx::Error::Io(std::io::Error::other(cancelled))),
     }
 }
 

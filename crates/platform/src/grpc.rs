@@ -130,7 +130,15 @@ impl GrpcServer {
                     .register_encoded_file_descriptor_set(flashmesh_proto::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                     // google.rpc error details, so grpcurl can print them.
-                    .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET),
+                    .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                    // Both reflection versions in each, so either resolves
+                    // every service it lists (k6 resolves them all).
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                    )
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                    ),
                 tonic_reflection::server::Builder::with_service_name,
             )
         };

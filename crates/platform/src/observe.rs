@@ -114,7 +114,7 @@ pub struct ServerObserve<S> {
 
 impl Shared {
     fn context(&self, rpc: &Rpc, headers: &HeaderMap) -> Option<Context> {
-        let request_id = headers.get("x-request-id").cloned().map(RequestId);
+        let request_id = headers.get(telemetry::X_REQUEST_ID).cloned().map(RequestId);
         let cx = if self.telemetry.tracing() {
             let parent = telemetry::extract(headers);
             self.telemetry

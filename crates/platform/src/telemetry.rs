@@ -21,7 +21,7 @@
 
 use std::{borrow::Cow, fmt::Display, future::Future, str::FromStr, sync::Arc, time::Duration};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::{
     Context, KeyValue,
     context::FutureExt,
@@ -323,6 +323,11 @@ impl Telemetry {
             .should_sample(Some(parent), trace_id, "", &kind, &[], &[])
             .decision;
         if decision == SamplingDecision::Drop {
+            // An unsampled caller's context already says "not sampled"
+            // downstream; no span of ours will ever refer to a new id.
+            if parent_context.is_valid() && !parent_context.is_sampled() {
+                return Some(parent.clone());
+            }
             let unsampled = SpanContext::new(
                 trace_id,
                 random_span_id(),
@@ -510,13 +515,20 @@ pub fn event(name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
     });
 }
 
+/// The W3C propagation headers, resolved once: they are read and written
+/// on every call, traced or not.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// The request id every service logs and passes on.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// The remote context a caller sent in `traceparent`/`tracestate`, or an
 /// empty one (a new trace) when absent or malformed.
 pub fn extract(headers: &HeaderMap) -> Context {
     match headers
-        .get("traceparent")
+        .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_traceparent(v, headers.get("tracestate")))
+        .and_then(|v| parse_traceparent(v, headers.get(TRACESTATE)))
     {
         Some(remote) => Context::new().with_remote_span_context(remote),
         None => Context::new(),
@@ -531,55 +543,61 @@ pub fn inject(cx: &Context, headers: &mut HeaderMap) {
     if !context.is_valid() {
         return;
     }
-    if let Ok(value) = HeaderValue::from_str(&format_traceparent(context)) {
-        headers.insert("traceparent", value);
+    if let Ok(value) = HeaderValue::from_bytes(&traceparent_bytes(context)) {
+        headers.insert(TRACEPARENT, value);
     }
-    let state = context.trace_state().header();
-    match HeaderValue::from_str(&state) {
-        Ok(value) if !state.is_empty() => {
-            headers.insert("tracestate", value);
+    let state = context.trace_state();
+    match (*state != TraceState::NONE).then(|| HeaderValue::from_str(&state.header())) {
+        Some(Ok(value)) if !value.is_empty() => {
+            headers.insert(TRACESTATE, value);
         }
         _ => {
-            headers.remove("tracestate");
+            headers.remove(TRACESTATE);
         }
     }
 }
 
 /// `00-<trace id>-<span id>-<flags>`.
 pub fn format_traceparent(context: &SpanContext) -> String {
-    format!(
-        "00-{}-{}-{:02x}",
-        context.trace_id(),
-        context.span_id(),
-        context.trace_flags().to_u8()
-    )
+    String::from_utf8_lossy(&traceparent_bytes(context)).into_owned()
+}
+
+const TRACEPARENT_LEN: usize = 55;
+
+fn traceparent_bytes(context: &SpanContext) -> [u8; TRACEPARENT_LEN] {
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    // The lengths are fixed by the types, so the encodings cannot fail.
+    let _ = hex::encode_to_slice(context.trace_id().to_bytes(), &mut out[3..35]);
+    let _ = hex::encode_to_slice(context.span_id().to_bytes(), &mut out[36..52]);
+    let _ = hex::encode_to_slice([context.trace_flags().to_u8()], &mut out[53..55]);
+    out
 }
 
 /// A W3C `traceparent` (version 00, or a later one read as 00), with its
 /// `tracestate`; `None` when malformed or all-zero.
 pub fn parse_traceparent(value: &str, state: Option<&HeaderValue>) -> Option<SpanContext> {
-    let mut parts = value.trim().split('-');
-    let version = parts.next()?;
-    let trace = parts.next()?;
-    let span = parts.next()?;
-    let flags = parts.next()?;
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    let value = value.trim().as_bytes();
+    let version = value.get(..2)?;
+    // Version 00 is exactly 55 bytes; later versions may append `-…`.
+    let well_formed = match value.len() {
+        TRACEPARENT_LEN => true,
+        len => len > TRACEPARENT_LEN && version != b"00" && value[TRACEPARENT_LEN] == b'-',
     };
-    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+    if !well_formed
+        || value[2] != b'-'
+        || value[35] != b'-'
+        || value[52] != b'-'
+        || version == b"ff"
+    {
         return None;
     }
-    if version == "00" && parts.next().is_some() {
-        return None;
-    }
-    let trace_id = TraceId::from_hex(trace).ok()?;
-    let span_id = SpanId::from_hex(span).ok()?;
+    let trace_id = TraceId::from_bytes(lower_hex(&value[3..35])?);
+    let span_id = SpanId::from_bytes(lower_hex(&value[36..52])?);
+    let [flags] = lower_hex(&value[53..55])?;
+    lower_hex::<1>(version)?;
     if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
         return None;
     }
-    let flags = u8::from_str_radix(flags, 16).ok()? & TraceFlags::SAMPLED.to_u8();
     let state = state
         .and_then(|v| v.to_str().ok())
         .and_then(|v| TraceState::from_str(v).ok())
@@ -587,10 +605,29 @@ pub fn parse_traceparent(value: &str, state: Option<&HeaderValue>) -> Option<Spa
     Some(SpanContext::new(
         trace_id,
         span_id,
-        TraceFlags::new(flags),
+        TraceFlags::new(flags & TraceFlags::SAMPLED.to_u8()),
         true,
         state,
     ))
+}
+
+/// `N` bytes from `2N` lowercase hex digits, as W3C Trace Context demands
+/// (the `hex` crate also takes uppercase), in one pass: this runs for every
+/// call a service receives.
+fn lower_hex<const N: usize>(digits: &[u8]) -> Option<[u8; N]> {
+    let nibble = |digit: u8| match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        _ => None,
+    };
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0; N];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 /// The current span context as `traceparent`, if there is a valid one.
@@ -635,6 +672,13 @@ mod tests {
         )
         .expect("valid");
         assert!(!unsampled.is_sampled());
+        let later = parse_traceparent(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03-what-comes-next",
+            None,
+        )
+        .expect("a later version is read as 00");
+        assert!(later.is_sampled());
+        assert_eq!(format_traceparent(&later), given);
         for bad in [
             "garbage",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
@@ -642,6 +686,10 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736+00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            "",
         ] {
             assert!(parse_traceparent(bad, None).is_none(), "{bad}");
         }

@@ -12,9 +12,8 @@
 // Env: CATALOG_ADDR (127.0.0.1:50052), BASE_URL, VUS, DURATION, WARMUP,
 // ADMIN_EMAIL, ADMIN_PASSWORD. gRPC mode only.
 
-import { check } from 'k6';
 import grpc from 'k6/net/grpc';
-import { adminToken, createOpenDeal } from '../lib/flashmesh.js';
+import { adminToken, checkedIteration, createOpenDeal, expectAnswer } from '../lib/flashmesh.js';
 import { catalog, grpcScenarios, grpcThresholds } from '../lib/grpc.js';
 
 export const options = {
@@ -26,11 +25,13 @@ export function setup() {
   return { dealId: createOpenDeal(adminToken(), 'k6 grpc get-deal product', 1000, 10).id };
 }
 
-export function getDeal(data) {
+export const getDeal = checkedIteration((data) => {
   const response = catalog().invoke('flashmesh.catalog.v1.CatalogService/GetDeal', {
     id: data.dealId,
   });
-  check(response, {
-    'deal read': (r) => r.status === grpc.StatusOK && r.message.deal.id === data.dealId,
-  });
-}
+  expectAnswer(
+    response,
+    'deal read',
+    (r) => r.status === grpc.StatusOK && r.message.deal.id === data.dealId,
+  );
+});

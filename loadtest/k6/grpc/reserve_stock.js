@@ -20,10 +20,15 @@
 // VUS, DURATION, WARMUP, ADMIN_EMAIL, ADMIN_PASSWORD, RESERVE_STOCK. gRPC
 // mode only.
 
-import { check } from 'k6';
 import exec from 'k6/execution';
 import grpc from 'k6/net/grpc';
-import { adminToken, createOpenDeal, positiveInt } from '../lib/flashmesh.js';
+import {
+  adminToken,
+  checkedIteration,
+  createOpenDeal,
+  expectAnswer,
+  positiveInt,
+} from '../lib/flashmesh.js';
 import { catalog, grpcScenarios, grpcThresholds } from '../lib/grpc.js';
 
 const STOCK = positiveInt('RESERVE_STOCK', 10000000);
@@ -44,7 +49,7 @@ export function setup() {
   return { dealId: createOpenDeal(adminToken(), 'k6 grpc reserve product', STOCK, STOCK).id };
 }
 
-export function reserveStock(data) {
+export const reserveStock = checkedIteration((data) => {
   const response = catalog().invoke(
     'flashmesh.catalog.v1.CatalogService/ReserveStock',
     {
@@ -55,7 +60,9 @@ export function reserveStock(data) {
     },
     { metadata: { authorization: `Bearer ${SERVICE_TOKEN}` } },
   );
-  check(response, {
-    'one unit reserved': (r) => r.status === grpc.StatusOK && r.message.reservation.quantity === 1,
-  });
-}
+  expectAnswer(
+    response,
+    'one unit reserved',
+    (r) => r.status === grpc.StatusOK && r.message.reservation.quantity === 1,
+  );
+});

@@ -10,7 +10,7 @@
 // load run, or the scripts measure 429s.
 
 import http from 'k6/http';
-import { fail } from 'k6';
+import { check, fail } from 'k6';
 
 /** The gateway, e.g. `flashmesh up`'s. */
 export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
@@ -27,7 +27,7 @@ export const ADMIN_PASSWORD = __ENV.ADMIN_PASSWORD || 'flashmesh admin password'
 export const USER_PASSWORD = 'k6 load test password';
 
 /** Accepts 2xx only: a 3xx is as wrong as a 4xx for this API. */
-export const ONLY_2XX = http.expectedStatuses({ min: 200, max: 299 });
+const ONLY_2XX = http.expectedStatuses({ min: 200, max: 299 });
 
 export function positiveInt(name, fallback) {
   const raw = __ENV[name];
@@ -80,6 +80,23 @@ export function scenarios(main) {
 }
 
 /**
+ * `iteration` as a scenario function whose exceptions count as a failed
+ * check (and still end the iteration). A threshold on a metric with no
+ * samples passes, so an iteration that threw before its checks would
+ * otherwise leave `checks` empty and the run green.
+ */
+export function checkedIteration(iteration) {
+  return (data) => {
+    try {
+      iteration(data);
+    } catch (error) {
+      check(error, { 'iteration ran to its end': () => false });
+      throw error;
+    }
+  };
+}
+
+/**
  * Thresholds every HTTP script shares, on the main scenario only: under 1%
  * failed requests, every check passing at least 99% of the time, p(99) of
  * all requests under `p99Ms`, and at least one request made.
@@ -102,7 +119,7 @@ function headers(token, extra) {
 }
 
 /**
- * Request options: the bearer `token`, extra `headers`, `name` (the route
+ * Request options: the bearer `token`, `extraHeaders`, `name` (the route
  * template, so ids do not split the metrics) and `op` (a short tag for
  * per-operation thresholds), and a `responseCallback` when some non-2xx
  * answers are expected.
@@ -149,9 +166,40 @@ export function body(response) {
   }
 }
 
+/** Failed answers logged per VU at most, so a broken run does not flood the output. */
+const MAX_LOGGED_FAILURES = 5;
+let loggedFailures = 0;
+
+/** What came back in `response` (HTTP, or gRPC from k6/net/grpc), for a log line. */
+function answerText(response) {
+  return response.body !== undefined
+    ? `HTTP ${response.status} ${response.error || ''} ${String(response.body).slice(0, 500)}`
+    : `gRPC status ${response.status} ${JSON.stringify(response.error)}`;
+}
+
+/** Logs what came back when `what` went wrong, the first few times in each VU. */
+export function logFailure(what, response) {
+  if (loggedFailures < MAX_LOGGED_FAILURES) {
+    loggedFailures += 1;
+    console.warn(`${what}: ${answerText(response)}`);
+  }
+}
+
+/**
+ * Checks `response` with `predicate` under `name`, logging the answer when
+ * it fails (see logFailure). Returns whether it passed.
+ */
+export function expectAnswer(response, name, predicate) {
+  const passed = check(response, { [name]: predicate });
+  if (!passed) {
+    logFailure(`check "${name}" failed`, response);
+  }
+  return passed;
+}
+
 /** Stops the run (in setup or teardown) with what the server said. */
 function refuse(what, response) {
-  fail(`${what}: HTTP ${response.status} ${response.error || ''} ${response.body || ''}`);
+  fail(`${what}: ${answerText(response)}`);
 }
 
 /** The JSON body of a 200 answer; anything else stops the run. */
@@ -250,10 +298,8 @@ const SIGNUP_BATCH = 16;
 export function signUpUsers(count, prefix) {
   const users = [];
   while (users.length < count) {
-    const emails = [];
-    for (let i = users.length; i < Math.min(count, users.length + SIGNUP_BATCH); i++) {
-      emails.push(uniqueEmail(prefix));
-    }
+    const batch = Math.min(SIGNUP_BATCH, count - users.length);
+    const emails = Array.from({ length: batch }, () => uniqueEmail(prefix));
     const responses = http.batch(
       emails.map((email) =>
         request(

@@ -1,7 +1,7 @@
 //! sqlx repositories for users and refresh tokens, in SQL that PostgreSQL and
 //! SQLite share.
 
-use flashmesh_platform::{identity::Role, telemetry};
+use flashmesh_platform::{db, identity::Role, telemetry};
 use sqlx::{AnyPool, FromRow};
 
 use crate::domain::{StoredRefreshToken, User, parse_role, role_name};
@@ -195,7 +195,7 @@ impl RefreshTokenStore {
         successor: &NewRefreshToken,
     ) -> Result<bool, sqlx::Error> {
         telemetry::db("auth.refresh_tokens.rotate", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = db::begin(&self.pool).await?;
             let spent = sqlx::query(
                 "UPDATE refresh_tokens SET spent_at = $1 \
                  WHERE id = $2 AND spent_at IS NULL AND revoked_at IS NULL",
@@ -205,11 +205,11 @@ impl RefreshTokenStore {
             .execute(&mut *tx)
             .await?;
             if spent.rows_affected() != 1 {
-                tx.rollback().await?;
+                db::rollback(tx).await?;
                 return Ok(false);
             }
             insert_refresh_token(successor).execute(&mut *tx).await?;
-            tx.commit().await?;
+            db::commit(tx).await?;
             Ok(true)
         })
         .await

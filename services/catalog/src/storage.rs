@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use flashmesh_platform::telemetry;
+use flashmesh_platform::{db, telemetry};
 use sqlx::{AnyPool, FromRow};
 
 use crate::{
@@ -420,7 +420,7 @@ impl CatalogStore {
         now: i64,
     ) -> Result<Option<(Reservation, i64)>, CatalogError> {
         telemetry::db("catalog.reserve", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = db::begin(&self.pool).await?;
             self.counts.wrote();
             let claimed = sqlx::query(
                 "INSERT INTO reservations (id, deal_id, user_id, quantity, unit_price_cents, \
@@ -435,7 +435,7 @@ impl CatalogStore {
             .execute(&mut *tx)
             .await?;
             if claimed.rows_affected() == 0 {
-                tx.rollback().await?;
+                db::rollback(tx).await?;
                 return Ok(None);
             }
 
@@ -451,7 +451,7 @@ impl CatalogStore {
             .fetch_optional(&mut *tx)
             .await?;
             let Some((remaining, price_cents, limit, version)) = taken else {
-                tx.rollback().await?;
+                db::rollback(tx).await?;
                 return Err(self.why_not_taken(&request.deal_id, now).await?);
             };
 
@@ -468,7 +468,7 @@ impl CatalogStore {
             .fetch_optional(&mut *tx)
             .await?;
             if held.is_none() || i64::from(request.quantity) > limit {
-                tx.rollback().await?;
+                db::rollback(tx).await?;
                 return Err(CatalogError::LimitExceeded {
                     limit: narrow(limit),
                     held: self.held(&request.deal_id, &request.user_id).await?,
@@ -484,7 +484,7 @@ impl CatalogStore {
             .bind(&request.reservation_id)
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
+            db::commit(tx).await?;
             let reservation = Reservation {
                 id: request.reservation_id.clone(),
                 deal_id: request.deal_id.clone(),
@@ -529,7 +529,7 @@ impl CatalogStore {
             // Two rounds at most: a tombstone insert can lose to a reservation
             // committed in between, which the second round then releases.
             for _ in 0..2 {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = db::begin(&self.pool).await?;
                 self.counts.wrote();
                 let row = sqlx::query_as::<_, ReservationRow>(
                     "UPDATE reservations SET released_at = $1 WHERE id = $2 AND released_at IS NULL \
@@ -561,14 +561,14 @@ impl CatalogStore {
                     .bind(&reservation.user_id)
                     .execute(&mut *tx)
                     .await?;
-                    tx.commit().await?;
+                    db::commit(tx).await?;
                     return Ok(Released::Now {
                         reservation,
                         remaining: narrow(remaining),
                         version,
                     });
                 }
-                tx.rollback().await?;
+                db::rollback(tx).await?;
 
                 if let Some(reservation) = self.reservation(reservation_id).await? {
                     if reservation.is_tombstone() {

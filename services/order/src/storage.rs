@@ -8,7 +8,10 @@
 
 use std::collections::HashMap;
 
-use flashmesh_platform::{db::Backend, telemetry};
+use flashmesh_platform::{
+    db::{self, Backend},
+    telemetry,
+};
 use sqlx::{Any, AnyPool, FromRow, Transaction};
 
 use crate::domain::{DealSales, Order, OrderItem, OrderState, SalesDelta};
@@ -272,7 +275,7 @@ impl OrderStore {
     /// release in the same transaction, for when stock may have been taken.
     pub async fn abandon(&self, claim: &Claim, release: bool, now: i64) -> Result<(), sqlx::Error> {
         telemetry::db("order.abandon", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = db::begin(&self.pool).await?;
             let deleted = sqlx::query(
                 "DELETE FROM idempotency_keys WHERE reservation_id = $1 AND state = 'in_progress'",
             )
@@ -282,7 +285,7 @@ impl OrderStore {
             if release && deleted.rows_affected() == 1 {
                 queue_release(&mut tx, &claim.reservation_id, now).await?;
             }
-            tx.commit().await
+            db::commit(tx).await
         })
         .await
     }
@@ -297,7 +300,7 @@ impl OrderStore {
         event: &OutboxRow,
     ) -> Result<bool, sqlx::Error> {
         telemetry::db("order.commit_order", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = db::begin(&self.pool).await?;
             let completed = sqlx::query(
                 "UPDATE idempotency_keys SET state = 'completed', lease_until = 0 \
                  WHERE reservation_id = $1 AND state = 'in_progress'",
@@ -337,7 +340,7 @@ impl OrderStore {
                 .await?;
             }
             insert_event(&mut tx, event).await?;
-            tx.commit().await?;
+            db::commit(tx).await?;
             Ok(true)
         })
         .await
@@ -357,7 +360,7 @@ impl OrderStore {
         .await?;
         let mut swept = 0;
         for (reservation_id,) in expired {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = db::begin(&self.pool).await?;
             let deleted = sqlx::query(
                 "DELETE FROM idempotency_keys \
                  WHERE reservation_id = $1 AND state = 'in_progress' AND lease_until < $2",
@@ -370,7 +373,7 @@ impl OrderStore {
                 queue_release(&mut tx, &reservation_id, now).await?;
                 swept += 1;
             }
-            tx.commit().await?;
+            db::commit(tx).await?;
         }
         Ok(swept)
     }
@@ -516,7 +519,7 @@ impl OrderStore {
         event: impl FnOnce(&Order) -> OutboxRow,
     ) -> Result<Option<Order>, sqlx::Error> {
         telemetry::db("order.cancel", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = db::begin(&self.pool).await?;
             let updated = sqlx::query(
                 "UPDATE orders SET state = 'cancelled', version = version + 1, updated_at = $1 \
                  WHERE id = $2 AND user_id = $3 AND state = 'confirmed'",
@@ -547,7 +550,7 @@ impl OrderStore {
                 queue_release(&mut tx, &item.reservation_id, now).await?;
             }
             insert_event(&mut tx, &event(&order)).await?;
-            tx.commit().await?;
+            db::commit(tx).await?;
             Ok(Some(order))
         })
         .await
@@ -583,7 +586,7 @@ impl OrderStore {
             sql.push_str(" FOR UPDATE SKIP LOCKED");
         }
         let mut tx = match self.backend {
-            Backend::Postgres => Some(self.pool.begin().await?),
+            Backend::Postgres => Some(db::begin(&self.pool).await?),
             Backend::Sqlite => None,
         };
         let query = sqlx::query_as::<_, OutboxRecord>(&sql).bind(limit);
@@ -619,7 +622,7 @@ impl OrderStore {
         match tx {
             Some(mut tx) => {
                 update.execute(&mut *tx).await?;
-                tx.commit().await?;
+                db::commit(tx).await?;
             }
             None => {
                 update.execute(&self.pool).await?;
@@ -689,7 +692,7 @@ impl OrderStore {
         occurred_at: i64,
     ) -> Result<bool, sqlx::Error> {
         telemetry::db("order.count_sales", async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = db::begin(&self.pool).await?;
             let first = sqlx::query(
                 "INSERT INTO consumed_events (consumer, event_id) VALUES ($1, $2) \
                  ON CONFLICT (consumer, event_id) DO NOTHING",
@@ -719,7 +722,7 @@ impl OrderStore {
                 .execute(&mut *tx)
                 .await?;
             }
-            tx.commit().await?;
+            db::commit(tx).await?;
             Ok(true)
         })
         .await
