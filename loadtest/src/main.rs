@@ -129,7 +129,7 @@ enum Bench {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
         /// Warm-up before it.
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         warmup: Duration,
         /// k6 virtual users (and callers of the ReserveStock hop).
         #[arg(long, default_value_t = 32)]
