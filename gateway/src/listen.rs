@@ -67,6 +67,8 @@ pub async fn serve(
                     watcher.watch(connection).await
                 }
                 Ok(Ok(false)) => {
+                    // The timer arms hyper's header-read timeout (30 s): a
+                    // client trickling its request head cannot hold a slot.
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
