@@ -91,6 +91,8 @@ export const options = {
     'checks{scenario:main}': ['rate==1'],
     'http_req_failed{scenario:main}': ['rate<0.01'],
     'http_req_duration{scenario:main}': ['p(99)<2000'],
+    // Exported for loadtest/compare: the sale's requests.
+    'http_reqs{scenario:main}': ['count>0'],
   },
   setupTimeout: '10m',
 };

@@ -185,6 +185,6 @@ pub fn threads_cpu_ticks() -> u64 {
                 .and_then(|(_, rest)| rest.rsplit_once(')'))
                 .is_some_and(|(comm, _)| comm == THREAD_NAME)
         })
-        .filter_map(|stat| crate::gateway::stat_cpu_ticks(&stat))
+        .filter_map(|stat| crate::procfs::stat_cpu_ticks(&stat))
         .sum()
 }

@@ -8,10 +8,16 @@ use std::{
 
 use anyhow::Context;
 use flashmesh_proto::catalog::v1::{self as pb, catalog_service_client::CatalogServiceClient};
-use tonic::{Request, transport::Channel};
+use tonic::{
+    Request,
+    client::GrpcService,
+    codegen::{Body, Bytes, StdError},
+    transport::Channel,
+};
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::{
+    procfs,
     run::{Outcome, Row, ms_at, refusal, run},
     stack::{Backends, Mode, Stack},
 };
@@ -24,10 +30,10 @@ const COLD_DEALS: usize = 2_000;
 pub async fn watchers(backends: &Backends, count: usize) -> anyhow::Result<()> {
     let stack = Stack::up(Mode::RedisGate, backends, &[]).await?;
     let deal = stack.create_deal(1_000_000, 1_000_000).await?;
-    let pid = stack.child.id().context("running")?;
+    let pid = stack.pid("up")?;
     // Streams per HTTP/2 connection stay well under the server's limit.
     let clients = stack.catalog_clients(count.div_ceil(100).max(1)).await?;
-    let rss_before = rss_kib(pid)?;
+    let rss_before = procfs::rss_kib(pid)?;
     let mut streams = Vec::with_capacity(count);
     for i in 0..count {
         let mut client = clients[i % clients.len()].clone();
@@ -38,7 +44,7 @@ pub async fn watchers(backends: &Backends, count: usize) -> anyhow::Result<()> {
         stream.message().await?.context("snapshot")?;
         streams.push(stream);
     }
-    let rss_after = rss_kib(pid)?;
+    let rss_after = procfs::rss_kib(pid)?;
     let token = Arc::new(stack.order_token.clone());
     let started = Instant::now();
     reserve_call(&clients, &deal, &token, 0).await?;
@@ -62,16 +68,6 @@ pub async fn watchers(backends: &Backends, count: usize) -> anyhow::Result<()> {
     );
     drop(streams);
     stack.down().await
-}
-
-/// Resident set size of a process, from /proc.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS in /proc/<pid>/status")
 }
 
 pub async fn catalog(
@@ -180,12 +176,21 @@ fn get_deal_call(
     }
 }
 
-fn reserve_call(
-    catalog: &[CatalogServiceClient<Channel>],
+/// ReserveStock of one unit for the `i`-th caller (a buyer of its own),
+/// with the order service's token, over any channel.
+pub(crate) fn reserve_call<T>(
+    catalog: &[CatalogServiceClient<T>],
     deal: &str,
     token: &Arc<String>,
     i: usize,
-) -> impl std::future::Future<Output = Result<Outcome, tonic::Status>> + use<> {
+) -> impl std::future::Future<Output = Result<Outcome, tonic::Status>> + use<T>
+where
+    T: GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Error: Into<StdError>,
+    T::Future: Send,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
     let mut client = catalog[i % catalog.len()].clone();
     let mut request = Request::new(pb::ReserveStockRequest {
         deal_id: deal.to_owned(),

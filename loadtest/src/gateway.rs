@@ -22,9 +22,9 @@ use tonic::{
 };
 
 use crate::{
-    bare_hop,
+    bare_hop, procfs,
     run::{Outcome, Row, ms_at, run},
-    stack::{Backends, Mode, Stack},
+    stack::{Backends, Mode, Stack, UNTHROTTLED},
 };
 
 pub struct GatewayOptions {
@@ -38,20 +38,13 @@ pub struct GatewayOptions {
     pub no_redis: bool,
 }
 
-/// Limits far above anything the bench reaches, so none throttles it.
-const STACK_ENV: &[(&str, &str)] = &[
-    ("FLASHMESH_RATE_LIMIT_IP", "1000000/s:1000000"),
-    ("FLASHMESH_RATE_LIMIT_USER", "1000000/s:1000000"),
-    ("FLASHMESH_UPSTREAM_MAX_OUTSTANDING", "1000000"),
-];
-
 pub async fn gateway(backends: &Backends, options: &GatewayOptions) -> anyhow::Result<()> {
     let mode = if options.no_redis {
         Mode::DatabaseOnly
     } else {
         Mode::RedisGate
     };
-    let stack = Stack::up(mode, backends, STACK_ENV).await?;
+    let stack = Stack::up(mode, backends, UNTHROTTLED).await?;
     let result = bench(&stack, options).await;
     stack.down().await?;
     result
@@ -94,7 +87,7 @@ impl Edge {
 
     fn ticks(self) -> u64 {
         match self {
-            Self::Gateway(pid) => process_cpu_ticks(pid),
+            Self::Gateway(pid) => procfs::process_cpu_ticks(pid),
             Self::BareHop => bare_hop::threads_cpu_ticks(),
             Self::InProcess | Self::Direct => 0,
         }
@@ -102,7 +95,7 @@ impl Edge {
 }
 
 async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
-    let pid = stack.child.id().context("running")?;
+    let pid = stack.pid("up")?;
     let deal = stack.create_deal(1_000_000, 1_000_000).await?;
     let bearer = stack.sign_up_users(1, 1).await?.pop().context("one user")?;
     let edge = stack.standalone_gateway().await?;
@@ -285,8 +278,8 @@ where
     Fut: std::future::Future<Output = Result<Outcome, Status>> + Send + 'static,
 {
     let (server, loadtest, edge_before) = (
-        process_cpu_ticks(pid),
-        process_cpu_ticks(std::process::id()),
+        procfs::process_cpu_ticks(pid),
+        procfs::process_cpu_ticks(std::process::id()),
         edge.ticks(),
     );
     let target = edge.target();
@@ -301,38 +294,10 @@ where
     Measured {
         target,
         row,
-        server_ticks: process_cpu_ticks(pid).saturating_sub(server),
-        loadtest_ticks: process_cpu_ticks(std::process::id()).saturating_sub(loadtest),
+        server_ticks: procfs::process_cpu_ticks(pid).saturating_sub(server),
+        loadtest_ticks: procfs::process_cpu_ticks(std::process::id()).saturating_sub(loadtest),
         edge_ticks: edge.ticks().saturating_sub(edge_before),
     }
-}
-
-/// utime + stime (clock ticks) from the text of a /proc/.../stat file.
-pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
-    // Fields after the parenthesised command name, which may hold spaces:
-    // state is field 3, utime 14 and stime 15.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-pub(crate) fn process_cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .as_deref()
-        .and_then(stat_cpu_ticks)
-        .unwrap_or(0)
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux in practice).
-pub(crate) fn ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 struct SseMemory {
@@ -446,20 +411,11 @@ async fn open_sse(gateway: &str, request: &str) -> anyhow::Result<TcpStream> {
 }
 
 fn rss_kib(pids: [u32; 2]) -> anyhow::Result<[u64; 2]> {
-    Ok([process_rss_kib(pids[0])?, process_rss_kib(pids[1])?])
-}
-
-fn process_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS in /proc/<pid>/status")
+    Ok([procfs::rss_kib(pids[0])?, procfs::rss_kib(pids[1])?])
 }
 
 fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
-    let tick_us = 1e6 / ticks_per_second();
+    let tick_us = 1e6 / procfs::ticks_per_second();
     println!(
         "flashmesh-loadtest gateway --duration {:?} --callers {} --grpc-channels {} --hop-threads {} --sse {}{}\n",
         options.duration,

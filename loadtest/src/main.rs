@@ -9,21 +9,24 @@
 //! `loadtest/bench-tracing` runs `flashmesh-loadtest tracing`: the gateway
 //! with trace export off, on at 100% and at 10% sampling, and the server
 //! observation layer's cost per call.
-//! Each prints Markdown tables.
+//! `loadtest/compare` runs `flashmesh-loadtest compare`: the gRPC stack
+//! next to the HTTP/1.1 JSON baseline on the k6 scenarios, written up as a
+//! report with a chart and a JSON summary.
+//! The others print Markdown tables.
 
-mod bare_hop;
-mod catalog;
-mod gateway;
-mod orders;
-mod run;
-mod stack;
-mod trace_bench;
+use std::{path::PathBuf, time::Duration};
 
-use std::time::Duration;
-
+use anyhow::bail;
 use clap::{Parser, Subcommand};
-
-use crate::{orders::OrdersOptions, stack::Backends};
+use flashmesh_loadtest::{
+    catalog,
+    compare::{self, CompareOptions, Scenario},
+    gateway,
+    orders::{self, OrdersOptions},
+    stack::Backends,
+    trace_bench,
+};
+use flashmesh_platform::{config::Transport, runtime::shutdown_on_signal};
 
 #[derive(Parser)]
 struct Cli {
@@ -117,6 +120,49 @@ enum Bench {
         #[arg(long, default_value_t = 1_000_000)]
         layer_calls: usize,
     },
+    /// The gRPC stack next to the HTTP/1.1 JSON baseline: every scenario
+    /// over each transport on a fresh stack (a process per service), with
+    /// the same VUs, warm-up and duration; writes
+    /// `<out-dir>/<date>-<short sha>.{md,svg,json}`.
+    Compare {
+        /// Measured phase of each scenario.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Warm-up before it.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// k6 virtual users (and callers of the ReserveStock hop).
+        #[arg(long, default_value_t = 32)]
+        vus: usize,
+        /// Comma-separated: browse, auth, history, journey, rush, reserve.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "browse,auth,history,journey,rush,reserve"
+        )]
+        scenarios: Vec<Scenario>,
+        /// Comma-separated transports: grpc, http1-json.
+        #[arg(long, value_delimiter = ',', default_value = "grpc,http1-json")]
+        modes: Vec<Transport>,
+        /// Runs of every scenario over every transport (alternating which
+        /// goes first); the report shows medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Also run every scenario with this round trip between the gateway
+        /// and the services (network namespace + tc netem; needs root).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        latency: Option<Duration>,
+        /// Units on sale in the rush, and the most one buyer may take.
+        #[arg(long, default_value_t = 1_000)]
+        rush_stock: u32,
+        #[arg(long, default_value_t = 2)]
+        rush_limit: u32,
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/reports"))]
+        out_dir: PathBuf,
+        /// The k6 binary (default: the pinned one `scripts/tools` installs).
+        #[arg(long)]
+        k6: Option<PathBuf>,
+    },
     /// The bench's OTLP/gRPC sink on its own, for `bench-tracing-instructions`:
     /// accepts span exports on `addr` until stopped.
     OtlpSink {
@@ -201,6 +247,45 @@ async fn main() -> anyhow::Result<()> {
                 layer_calls,
             };
             trace_bench::tracing(&backends, &options).await
+        }
+        Bench::Compare {
+            duration,
+            warmup,
+            vus,
+            scenarios,
+            modes,
+            rounds,
+            latency,
+            rush_stock,
+            rush_limit,
+            out_dir,
+            k6,
+        } => {
+            let k6 = match k6 {
+                Some(k6) => k6,
+                None => compare::pinned_k6()?,
+            };
+            let options = CompareOptions {
+                duration,
+                warmup,
+                vus,
+                scenarios,
+                modes,
+                rounds,
+                latency,
+                rush_stock,
+                rush_limit,
+                out_dir,
+                k6,
+                scripts: compare::scripts_dir(),
+            };
+            // Ctrl-C or SIGTERM drops the run: its processes are killed and
+            // a network namespace it made is removed.
+            let stop = shutdown_on_signal();
+            tokio::select! {
+                written = compare::compare(&backends, &options) => written.map(drop),
+                () = stop.cancelled() => bail!("interrupted"),
+            }
         }
         Bench::OtlpSink { addr } => trace_bench::serve_sink(addr).await,
     }

@@ -18,15 +18,8 @@ use tonic::{
 
 use crate::{
     run::{Outcome, Row, ms_at, refusal, run},
-    stack::{Backends, Mode, Stack},
+    stack::{Backends, CHEAP_HASHING, Mode, Stack},
 };
-
-/// Cheap password hashing, so that signing up thousands of buyers takes
-/// seconds (sign-up is not what this bench measures).
-const STACK_ENV: &[(&str, &str)] = &[
-    ("FLASHMESH_ARGON2_MEMORY_KIB", "256"),
-    ("FLASHMESH_ARGON2_ITERATIONS", "1"),
-];
 
 /// The catalog's caches (L1 + L2) keep a deal at most this long.
 const DEAL_CACHE_MAX_AGE: Duration = Duration::from_millis(1_500);
@@ -86,7 +79,7 @@ pub async fn orders(backends: &Backends, options: &OrdersOptions) -> anyhow::Res
     let (mut rows, mut checks, mut setups) = (Vec::new(), Vec::new(), Vec::new());
     for mode in [Mode::RedisGate, Mode::DatabaseOnly] {
         eprintln!("== {} ==", mode.label());
-        let stack = Stack::up(mode, backends, STACK_ENV).await?;
+        let stack = Stack::up(mode, backends, CHEAP_HASHING).await?;
         let measured = scenarios(&stack, mode, options, &mut rows, &mut checks).await;
         // Tear down even after a failure, so no database or key is left.
         let down = stack.down().await;

@@ -35,9 +35,10 @@ use tonic::Status;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::{
-    gateway::{http_callers, process_cpu_ticks, ticks_per_second},
+    gateway::http_callers,
+    procfs::{process_cpu_ticks, ticks_per_second},
     run::{Row, ms_at, run},
-    stack::{Backends, Mode, Stack},
+    stack::{Backends, Mode, Stack, UNTHROTTLED},
 };
 
 pub struct TracingOptions {
@@ -46,13 +47,6 @@ pub struct TracingOptions {
     pub rounds: usize,
     pub layer_calls: usize,
 }
-
-/// Limits far above anything the bench reaches, so none throttles it.
-const STACK_ENV: &[(&str, &str)] = &[
-    ("FLASHMESH_RATE_LIMIT_IP", "1000000/s:1000000"),
-    ("FLASHMESH_RATE_LIMIT_USER", "1000000/s:1000000"),
-    ("FLASHMESH_UPSTREAM_MAX_OUTSTANDING", "1000000"),
-];
 
 /// (label, sampling ratio; `None` = no exporter).
 const MODES: [(&str, Option<&str>); 3] = [
@@ -139,7 +133,7 @@ pub async fn tracing(backends: &Backends, options: &TracingOptions) -> anyhow::R
     for round in 1..=options.rounds {
         for (mode, (label, ratio)) in MODES.iter().enumerate() {
             eprintln!("round {round}/{}: {label}", options.rounds);
-            let mut env = STACK_ENV.to_vec();
+            let mut env = UNTHROTTLED.to_vec();
             if let Some(ratio) = ratio {
                 env.extend([
                     ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
@@ -164,7 +158,7 @@ async fn measure(
     options: &TracingOptions,
     spans: &SpanCounter,
 ) -> anyhow::Result<Measured> {
-    let pid = stack.child.id().context("running")?;
+    let pid = stack.pid("up")?;
     let deal = stack.create_deal(1_000_000, 1_000_000).await?;
     let call = http_callers(
         options.callers,

@@ -9,6 +9,7 @@ mod auth;
 mod baseline;
 mod catalog;
 mod cli;
+mod compare;
 mod deploy;
 mod gateway;
 mod loadtest_scripts;

@@ -213,6 +213,22 @@ async fn one_order_is_one_trace_and_counted_once(backend: Backend) {
         ),
         Some(5.0)
     );
+    // The services' servers counted what crossed their connections (the
+    // gateway's calls, the order service's ReserveStock) and still hold them.
+    for direction in ["received", "sent"] {
+        let bytes = value(
+            &scrape,
+            "flashmesh_server_transport_bytes_total",
+            &[("direction", direction)],
+        );
+        assert!(bytes.is_some_and(|b| b > 100.0), "{direction}: {text}");
+    }
+    let open = value(&scrape, "flashmesh_server_connections_open", &[]);
+    let accepted = value(&scrape, "flashmesh_server_connections_accepted_total", &[]);
+    assert!(
+        open.is_some_and(|n| n >= 2.0) && accepted >= open,
+        "{open:?} open, {accepted:?} accepted: {text}"
+    );
     if backend == Backend::Postgres {
         // The gate is seeded on its first sight of the deal, then admits.
         assert_eq!(

@@ -145,15 +145,24 @@ pub enum Transport {
     Http1Json,
 }
 
+impl Transport {
+    /// The value of `FLASHMESH_TRANSPORT` that selects it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Http1Json => "http1-json",
+        }
+    }
+}
+
 impl std::str::FromStr for Transport {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "grpc" => Ok(Self::Grpc),
-            "http1-json" => Ok(Self::Http1Json),
-            _ => Err("expected grpc or http1-json".to_owned()),
-        }
+        [Self::Grpc, Self::Http1Json]
+            .into_iter()
+            .find(|transport| transport.as_str() == s)
+            .ok_or_else(|| "expected grpc or http1-json".to_owned())
     }
 }
 

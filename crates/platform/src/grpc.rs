@@ -2,7 +2,8 @@
 //! reflection (v1 and v1alpha, so grpcurl needs no proto files), graceful
 //! shutdown, and the tower layers for observation (trace context, server
 //! span, RED metrics), caller identity, request timeout, concurrency limit
-//! and load shedding.
+//! and load shedding. Every accepted connection's bytes are counted
+//! ([`crate::wire`]).
 //!
 //! With `FLASHMESH_TRANSPORT=http1-json` the same routes behind the same
 //! layers are served as JSON over plain HTTP/1.1 through
@@ -10,6 +11,7 @@
 
 use std::{convert::Infallible, sync::Arc};
 
+use futures::TryStreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -34,6 +36,7 @@ use crate::{
     identity::{IdentityLayer, TokenVerifier},
     observe::ServerObserveLayer,
     telemetry::Telemetry,
+    wire::WireMetrics,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +148,7 @@ impl GrpcServer {
             .add_service(reflection().build_v1alpha()?);
 
         let observe = ServerObserveLayer::new(&telemetry, served_rpcs(&service_names));
+        let wire = WireMetrics::new(telemetry.metrics());
         let layers = ServiceBuilder::new()
             .layer(observe)
             .layer(MapErrLayer::new(status_for_layer_error))
@@ -170,7 +174,7 @@ impl GrpcServer {
         };
         if transport == Transport::Http1Json {
             let service = JsonAdapter::new(layers.service(routes.routes()));
-            return serve_http1(listener, service, drain, config.shutdown_timeout).await;
+            return serve_http1(listener, wire, service, drain, config.shutdown_timeout).await;
         }
         let server = Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -183,7 +187,9 @@ impl GrpcServer {
             .serve_with_incoming_shutdown(
                 // Without NODELAY small answers wait on the peer's delayed
                 // ACK: a 40 ms floor at low concurrency.
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .map_ok(move |stream| wire.count(stream)),
                 drain,
             );
 
@@ -212,6 +218,7 @@ fn abandoned(timeout: std::time::Duration) {
 /// `shutdown_timeout` to finish.
 async fn serve_http1<S>(
     listener: TcpListener,
+    wire: WireMetrics,
     service: S,
     drain: impl std::future::Future<Output = ()>,
     shutdown_timeout: std::time::Duration,
@@ -245,7 +252,7 @@ where
         let connection = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
             .serve_connection(
-                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::rt::TokioIo::new(wire.count(stream)),
                 hyper_util::service::TowerToHyperService::new(service.clone()),
             );
         let connection = graceful.watch(connection);

@@ -22,3 +22,4 @@ pub mod streams;
 pub mod telemetry;
 pub mod time;
 pub mod upstream;
+pub mod wire;
