@@ -14,15 +14,16 @@ pub mod compress;
 pub mod config;
 pub mod discovery;
 pub mod edge_auth;
+mod listen;
 pub mod observe;
 pub mod openapi;
 pub mod problem;
 pub mod rate_limit;
 pub mod transcode;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use axum::{http::HeaderValue, serve::ListenerExt};
+use axum::http::HeaderValue;
 use flashmesh_platform::{
     config::PlatformConfig,
     identity::{AuthServiceKeys, TokenVerifier},
@@ -163,17 +164,6 @@ impl GatewayApp {
                     .allow_headers(Any),
             );
         }
-        // SSE events and small answers go out at once, not after an ACK.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+        listen::serve(listener, router, shutdown).await
     }
 }

@@ -766,3 +766,70 @@ async fn a_python_service_joins_through_server_reflection() {
     );
     assert!(openapi["paths"]["/v1/inventory/{sku}:adjust"]["post"].is_object());
 }
+
+/// One port serves HTTP/1.1 and prior-knowledge HTTP/2 (h2c), unary and
+/// SSE, and tells them apart even when the first bytes arrive in pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_port_speaks_http1_and_h2c() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut env = StackEnv::new(Backend::Embedded).await;
+    let (_stack, gateway, deal) = gateway_with_open_deal(&mut env).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let deal_url = gateway.url(&format!("/v1/deals/{}", deal.id));
+    for (client, version) in [
+        (http(), reqwest::Version::HTTP_11),
+        (h2.clone(), reqwest::Version::HTTP_2),
+    ] {
+        let response = client.get(&deal_url).send().await.unwrap();
+        assert_eq!(response.version(), version);
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["deal"]["id"], deal.id.as_str());
+    }
+    let events = h2
+        .get(gateway.url(&format!("/v1/deals/{}/events", deal.id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.version(), reqwest::Version::HTTP_2);
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let first = tokio::time::timeout(Duration::from_secs(10), events.bytes_stream().next())
+        .await
+        .expect("the snapshot arrives")
+        .expect("the stream stays open")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data:"));
+
+    // First bytes in two pieces, for each protocol: HTTP/1.1 answers the
+    // request, HTTP/2 answers the preface with its SETTINGS frame (type 4).
+    let halves: [(&[u8], &[u8]); 2] = [
+        (b"GE", b"T /healthz HTTP/1.1\r\nhost: x\r\n\r\n"),
+        (
+            b"PRI * HTTP/2.0\r\n",
+            b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+        ),
+    ];
+    for (first, rest) in halves {
+        let mut tcp = tokio::net::TcpStream::connect(gateway.running.addr)
+            .await
+            .unwrap();
+        tcp.write_all(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tcp.write_all(rest).await.unwrap();
+        let mut answer = [0; 12];
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        if first.starts_with(b"GE") {
+            assert_eq!(&answer, b"HTTP/1.1 200");
+        } else {
+            assert_eq!(answer[3], 4, "a SETTINGS frame: {answer:?}");
+        }
+    }
+}
