@@ -44,7 +44,7 @@ use crate::{
     edge_auth::EdgeAuth,
     problem::Problem,
     rate_limit::{Decision, RateLimiter},
-    transcode::{DynamicCodec, Route, RouteLookup, RouteTable, build_request, to_json},
+    transcode::{GatewayCodec, Route, RouteLookup, RouteTable, build_request},
 };
 
 /// One service's channel and its bound on calls in flight.
@@ -422,12 +422,12 @@ impl Gateway {
         let deadline = timeout(headers, &self.config);
         request.set_timeout(deadline);
         let mut grpc = tonic::client::Grpc::new(upstream.balanced.channel.clone());
-        let codec = DynamicCodec::new(route.method.output());
         let call = async {
             grpc.ready()
                 .await
                 .map_err(|e| tonic::Status::unavailable(format!("upstream not ready: {e}")))?;
-            grpc.unary(request, route.grpc_path.clone(), codec).await
+            grpc.unary(request, route.grpc_path.clone(), GatewayCodec)
+                .await
         };
         let answer = tokio::time::timeout(deadline, call)
             .await
@@ -439,7 +439,7 @@ impl Gateway {
         let message = answer
             .map_err(|status| Problem::from_status(&status))?
             .into_inner();
-        let json = to_json(&message).map_err(|e| {
+        let json = route.answer.to_json(&message).map_err(|e| {
             tracing::error!(error = %e, "cannot encode an upstream answer as JSON");
             Problem::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -459,14 +459,13 @@ impl Gateway {
     ) -> Result<Response, Problem> {
         let request = upstream_request(message, headers);
         let mut grpc = tonic::client::Grpc::new(upstream.balanced.channel.clone());
-        let codec = DynamicCodec::new(route.method.output());
         grpc.ready().await.map_err(|e| {
             Problem::from_status(&tonic::Status::unavailable(format!(
                 "upstream not ready: {e}"
             )))
         })?;
         let messages = grpc
-            .server_streaming(request, route.grpc_path.clone(), codec)
+            .server_streaming(request, route.grpc_path.clone(), GatewayCodec)
             .await
             .map_err(|status| Problem::from_status(&status))?
             .into_inner();
@@ -474,10 +473,11 @@ impl Gateway {
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/x-ndjson"));
-        let items = messages.map(|item| {
+        let answer = route.answer.clone();
+        let items = messages.map(move |item| {
             item.map_err(|status| Problem::from_status(&status))
                 .and_then(|message| {
-                    to_json(&message).map_err(|_| {
+                    answer.to_json(&message).map_err(|_| {
                         Problem::new(
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "INTERNAL",

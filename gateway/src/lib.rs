@@ -20,6 +20,7 @@ pub mod openapi;
 pub mod problem;
 pub mod rate_limit;
 pub mod transcode;
+pub mod wire_json;
 
 use std::{sync::Arc, time::Duration};
 

@@ -6,9 +6,9 @@
 //!   method + path to a [`Route`], extracting path variables.
 //! * [`build_request`] turns path variables, the JSON body and the query
 //!   string into the request [`DynamicMessage`].
-//! * [`to_json`] renders a response message as proto3 JSON.
-//! * [`DynamicCodec`] lets `tonic::client::Grpc` send and receive
-//!   [`DynamicMessage`]s.
+//! * [`crate::wire_json`] renders answers as proto3 JSON.
+//! * [`GatewayCodec`] lets `tonic::client::Grpc` send [`DynamicMessage`]s
+//!   and receive answers as wire bytes.
 //!
 //! JSON choices (proto3 JSON mapping):
 //!
@@ -30,10 +30,12 @@ use std::collections::HashSet;
 use http::Method;
 use http::uri::PathAndQuery;
 use prost::Message as _;
+use crate::wire_json::{WireJson, WireJsonBuilder};
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor,
     MethodDescriptor, ReflectMessage, Value,
 };
+use bytes::{Buf as _, Bytes};
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
@@ -69,6 +71,8 @@ pub struct Route {
     pub service: String,
     /// Field paths (proto names, dotted) bound by the path, in template order.
     pub path_fields: Vec<String>,
+    /// Renders the RPC's answers as JSON.
+    pub answer: WireJson,
     vars: Vec<PathVar>,
 }
 
@@ -151,6 +155,7 @@ pub enum RouteError {
 pub struct RouteTable {
     routes: Vec<Route>,
     routers: Vec<(Method, matchit::Router<usize>)>,
+    answers: WireJsonBuilder,
 }
 
 impl RouteTable {
@@ -176,6 +181,7 @@ impl RouteTable {
         let mut table = RouteTable {
             routes: Vec::new(),
             routers: Vec::new(),
+            answers: WireJsonBuilder::new(pool),
         };
         for service in selected {
             for method in service.methods() {
@@ -319,6 +325,10 @@ impl RouteTable {
                 template: template.clone(),
                 reason: e.to_string(),
             })?;
+        let answer = self
+            .answers
+            .for_message(&method.output())
+            .ok_or_else(|| invalid("its output type is not in the descriptor pool".into()))?;
         self.routes.push(Route {
             method: method.clone(),
             http_method,
@@ -328,6 +338,7 @@ impl RouteTable {
             server_streaming: method.is_server_streaming(),
             service: method.parent_service().full_name().to_owned(),
             path_fields: vars.iter().map(|v| v.field.clone()).collect(),
+            answer,
             vars,
         });
 
@@ -1285,51 +1296,28 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
 // Responses
 // ---------------------------------------------------------------------------
 
-/// Proto3 JSON with proto field names, zero values emitted, 64-bit integers
-/// as strings, enums as names, Timestamps as RFC 3339.
-/// The encoding is the platform's, shared with the HTTP/1.1 JSON baseline.
-pub fn to_json(message: &DynamicMessage) -> Result<Vec<u8>, TranscodeError> {
-    flashmesh_platform::http1json::to_json(message)
-        .map_err(|e| TranscodeError::Serialize(e.to_string()))
-}
-
 // ---------------------------------------------------------------------------
 // gRPC codec
 // ---------------------------------------------------------------------------
 
-/// A tonic codec sending and receiving [`DynamicMessage`]s, for
+/// A tonic codec sending [`DynamicMessage`]s and receiving answers as
+/// their wire bytes (rendered by the route's [`WireJson`]), for
 /// `tonic::client::Grpc::unary` / `server_streaming`.
-#[derive(Debug, Clone)]
-pub struct DynamicCodec {
-    response: MessageDescriptor,
-}
+#[derive(Debug, Clone, Default)]
+pub struct GatewayCodec;
 
-impl DynamicCodec {
-    /// A codec decoding responses of type `response`.
-    pub fn new(response: MessageDescriptor) -> Self {
-        Self { response }
-    }
-
-    /// A codec for `route`'s RPC.
-    pub fn for_route(route: &Route) -> Self {
-        Self::new(route.method.output())
-    }
-}
-
-impl Codec for DynamicCodec {
+impl Codec for GatewayCodec {
     type Encode = DynamicMessage;
-    type Decode = DynamicMessage;
+    type Decode = Bytes;
     type Encoder = DynamicEncoder;
-    type Decoder = DynamicDecoder;
+    type Decoder = WireDecoder;
 
     fn encoder(&mut self) -> Self::Encoder {
         DynamicEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        DynamicDecoder {
-            response: self.response.clone(),
-        }
+        WireDecoder
     }
 }
 
@@ -1340,7 +1328,7 @@ fn buffers() -> BufferSettings {
     BufferSettings::new(1024, 32 * 1024)
 }
 
-/// Encoder half of [`DynamicCodec`].
+/// Encoder half of [`GatewayCodec`].
 #[derive(Debug, Clone, Default)]
 pub struct DynamicEncoder;
 
@@ -1358,20 +1346,16 @@ impl Encoder for DynamicEncoder {
     }
 }
 
-/// Decoder half of [`DynamicCodec`].
-#[derive(Debug, Clone)]
-pub struct DynamicDecoder {
-    response: MessageDescriptor,
-}
+/// Decoder half of [`GatewayCodec`]: one message's bytes, as they came.
+#[derive(Debug, Clone, Default)]
+pub struct WireDecoder;
 
-impl Decoder for DynamicDecoder {
-    type Item = DynamicMessage;
+impl Decoder for WireDecoder {
+    type Item = Bytes;
     type Error = Status;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<DynamicMessage>, Status> {
-        DynamicMessage::decode(self.response.clone(), src)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("decoding response: {e}")))
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 
     fn buffer_settings(&self) -> BufferSettings {
@@ -1865,52 +1849,6 @@ mod tests {
     }
 
     #[test]
-    fn to_json_uses_proto_names_and_zero_values() {
-        let pool = pool();
-        let desc = pool
-            .get_message_by_name("flashmesh.catalog.v1.GetDealResponse")
-            .unwrap();
-        let deal_desc = pool
-            .get_message_by_name("flashmesh.catalog.v1.Deal")
-            .unwrap();
-        let mut deal = DynamicMessage::new(deal_desc);
-        deal.set_field_by_name("id", Value::String("d1".into()));
-        deal.set_field_by_name("price_cents", Value::I64(12900));
-        deal.set_field_by_name("state", Value::EnumNumber(3));
-        let starts = DynamicMessage::deserialize(
-            pool.get_message_by_name("google.protobuf.Timestamp")
-                .unwrap(),
-            &serde_json::json!("2025-11-28T09:00:00Z"),
-        )
-        .unwrap();
-        deal.set_field_by_name("starts_at", Value::Message(starts));
-        let mut response = DynamicMessage::new(desc);
-        response.set_field_by_name("deal", Value::Message(deal));
-
-        let json: serde_json::Value = serde_json::from_slice(&to_json(&response).unwrap()).unwrap();
-        let deal = &json["deal"];
-        assert_eq!(deal["id"], "d1");
-        assert_eq!(deal["price_cents"], "12900");
-        assert_eq!(deal["remaining_stock"], 0);
-        assert_eq!(deal["per_user_limit"], 0);
-        assert_eq!(deal["product_id"], "");
-        assert_eq!(deal["state"], "DEAL_STATE_SOLD_OUT");
-        assert_eq!(deal["starts_at"], "2025-11-28T09:00:00Z");
-        // Unset message fields are omitted.
-        assert!(deal.get("ends_at").is_none());
-        assert!(deal.get("remainingStock").is_none());
-
-        let list = DynamicMessage::new(
-            pool.get_message_by_name("flashmesh.catalog.v1.ListDealsResponse")
-                .unwrap(),
-        );
-        assert_eq!(
-            to_json(&list).unwrap(),
-            br#"{"deals":[],"next_page_token":""}"#
-        );
-    }
-
-    #[test]
     fn codec_round_trip() {
         use bytes::{Buf, BytesMut};
         let table = table();
@@ -1922,18 +1860,15 @@ mod tests {
         assert_eq!(field(&decoded, "id"), Value::String("o1".into()));
         assert_eq!(buf.remaining(), 0);
 
-        fn assert_codec<
-            C: Codec<Encode = DynamicMessage, Decode = DynamicMessage> + Clone + Send + 'static,
-        >(
+        fn assert_codec<C: Codec<Encode = DynamicMessage, Decode = Bytes> + Clone + Send + 'static>(
             _: C,
         ) {
         }
-        let codec = DynamicCodec::for_route(route);
+        assert_codec(GatewayCodec);
         assert_eq!(
-            codec.response.full_name(),
-            "flashmesh.order.v1.GetOrderResponse"
+            format!("{:?}", route.answer),
+            r#"WireJson("flashmesh.order.v1.GetOrderResponse")"#
         );
-        assert_codec(codec);
     }
 
     #[test]
