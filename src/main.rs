@@ -6,6 +6,13 @@
 
 mod health;
 
+/// jemalloc: every request allocates (headers, frames, futures), and
+/// glibc's malloc cost ~15% of a gateway request's instructions; jemalloc
+/// also holds an idle SSE stream in less memory (12.7 vs 15.1 KiB at
+/// 10,000 streams). mimalloc was tried: fast, but 23.9 KiB per stream.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::{
     io::{BufRead, IsTerminal, Write},
     path::{Path, PathBuf},

@@ -27,15 +27,15 @@
 
 use std::collections::HashSet;
 
+use crate::wire_json::{WireJson, WireJsonBuilder};
+use bytes::{Buf as _, Bytes};
 use http::Method;
 use http::uri::PathAndQuery;
 use prost::Message as _;
-use crate::wire_json::{WireJson, WireJsonBuilder};
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor,
     MethodDescriptor, ReflectMessage, Value,
 };
-use bytes::{Buf as _, Bytes};
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
@@ -1860,7 +1860,9 @@ mod tests {
         assert_eq!(field(&decoded, "id"), Value::String("o1".into()));
         assert_eq!(buf.remaining(), 0);
 
-        fn assert_codec<C: Codec<Encode = DynamicMessage, Decode = Bytes> + Clone + Send + 'static>(
+        fn assert_codec<
+            C: Codec<Encode = DynamicMessage, Decode = Bytes> + Clone + Send + 'static,
+        >(
             _: C,
         ) {
         }

@@ -349,7 +349,10 @@ fn write_f64(out: &mut Vec<u8>, v: f64) {
 fn write_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
     let start = out.len();
-    out.resize(start + base64::encoded_len(bytes.len(), true).unwrap_or(0), 0);
+    out.resize(
+        start + base64::encoded_len(bytes.len(), true).unwrap_or(0),
+        0,
+    );
     let written = BASE64.encode_slice(bytes, &mut out[start..]).unwrap_or(0);
     out.truncate(start + written);
     out.push(b'"');
@@ -672,9 +675,9 @@ fn write_rfc3339(out: &mut Vec<u8>, seconds: i64, nanos: u32) {
     push_digits(out, second_of_day % 60, 2);
     if nanos != 0 {
         out.push(b'.');
-        if nanos % 1_000_000 == 0 {
+        if nanos.is_multiple_of(1_000_000) {
             push_digits(out, nanos / 1_000_000, 3);
-        } else if nanos % 1_000 == 0 {
+        } else if nanos.is_multiple_of(1_000) {
             push_digits(out, nanos / 1_000, 6);
         } else {
             push_digits(out, nanos, 9);
@@ -747,7 +750,14 @@ mod tests {
         Some(String::from_utf8(json).unwrap())
     }
 
-    const STRINGS: [&str; 6] = ["", "d1", "quote \" and \\ back", "tab\tnew\nline\u{1}", "ünï €", "🦀"];
+    const STRINGS: [&str; 6] = [
+        "",
+        "d1",
+        "quote \" and \\ back",
+        "tab\tnew\nline\u{1}",
+        "ünï €",
+        "🦀",
+    ];
 
     fn random_value(kind: &Kind, rng: &mut StdRng, depth: usize) -> Value {
         let pick = |rng: &mut StdRng, edges: &[i64]| -> i64 {
@@ -759,21 +769,36 @@ mod tests {
         };
         match kind {
             Kind::Double => Value::F64(
-                *[0.0, -0.0, 1.5, -2.25e300, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.1]
-                    .get(rng.random_range(0..8))
-                    .unwrap(),
+                *[
+                    0.0,
+                    -0.0,
+                    1.5,
+                    -2.25e300,
+                    f64::NAN,
+                    f64::INFINITY,
+                    f64::NEG_INFINITY,
+                    0.1,
+                ]
+                .get(rng.random_range(0..8))
+                .unwrap(),
             ),
             Kind::Float => Value::F32(
-                *[0.0, 1.5, -3.4e38, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.1]
-                    .get(rng.random_range(0..7))
-                    .unwrap(),
+                *[
+                    0.0,
+                    1.5,
+                    -3.4e38,
+                    f32::NAN,
+                    f32::INFINITY,
+                    f32::NEG_INFINITY,
+                    0.1,
+                ]
+                .get(rng.random_range(0..7))
+                .unwrap(),
             ),
             Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
                 Value::I32(pick(rng, &[0, -1, 1, i32::MIN.into(), i32::MAX.into()]) as i32)
             }
-            Kind::Uint32 | Kind::Fixed32 => {
-                Value::U32(pick(rng, &[0, 1, u32::MAX.into()]) as u32)
-            }
+            Kind::Uint32 | Kind::Fixed32 => Value::U32(pick(rng, &[0, 1, u32::MAX.into()]) as u32),
             Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
                 Value::I64(pick(rng, &[0, -1, i64::MIN, i64::MAX, 12_900]))
             }
@@ -782,7 +807,12 @@ mod tests {
             Kind::String => Value::String(STRINGS[rng.random_range(0..STRINGS.len())].to_owned()),
             Kind::Bytes => {
                 let len = rng.random_range(0..7);
-                Value::Bytes((0..len).map(|_| rng.random::<u8>()).collect::<Vec<_>>().into())
+                Value::Bytes(
+                    (0..len)
+                        .map(|_| rng.random::<u8>())
+                        .collect::<Vec<_>>()
+                        .into(),
+                )
             }
             Kind::Enum(e) => {
                 let values: Vec<i32> = e.values().map(|v| v.number()).collect();
@@ -812,7 +842,8 @@ mod tests {
         let mut message = DynamicMessage::new(desc.clone());
         if desc.full_name() == "google.protobuf.Timestamp" {
             let seconds = rng.random_range(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS);
-            let nanos = [0, 123_000_000, 123_456_000, 123_456_789, 999_999_999][rng.random_range(0..5)];
+            let nanos =
+                [0, 123_000_000, 123_456_000, 123_456_789, 999_999_999][rng.random_range(0..5)];
             message.set_field_by_name("seconds", Value::I64(seconds));
             message.set_field_by_name("nanos", Value::I32(nanos));
             return message;
@@ -823,11 +854,18 @@ mod tests {
                 continue;
             }
             let value = if field.is_map() {
-                let Kind::Message(entry) = field.kind() else { unreachable!() };
+                let Kind::Message(entry) = field.kind() else {
+                    unreachable!()
+                };
                 let (key, value) = (entry.map_entry_key_field(), entry.map_entry_value_field());
                 Value::Map(
                     (0..rng.random_range(0..3))
-                        .map(|_| (random_key(&key, rng), random_value(&value.kind(), rng, depth)))
+                        .map(|_| {
+                            (
+                                random_key(&key, rng),
+                                random_value(&value.kind(), rng, depth),
+                            )
+                        })
                         .collect::<HashMap<_, _>>(),
                 )
             } else if field.is_list() {
@@ -868,13 +906,21 @@ mod tests {
                 let got = render(&builder, &desc, &bytes);
                 if desc.package_name().starts_with("flashmesh.") && planned(&desc, 0) {
                     let root = builder.by_name[desc.full_name()];
-                    let fast = builder.plans.write_message(&mut Vec::new(), root, &bytes, 0);
-                    assert!(!matches!(fast, Err(Stop::Unsupported)), "{} fell back", desc.full_name());
+                    let fast = builder
+                        .plans
+                        .write_message(&mut Vec::new(), root, &bytes, 0);
+                    assert!(
+                        !matches!(fast, Err(Stop::Unsupported)),
+                        "{} fell back",
+                        desc.full_name()
+                    );
                     fast_path += 1;
                 }
                 if desc.fields().any(|f| f.is_map()) {
                     // Map entries come out in hash order from prost-reflect.
-                    let parse = |s: Option<String>| s.map(|s| serde_json::from_str::<serde_json::Value>(&s).unwrap());
+                    let parse = |s: Option<String>| {
+                        s.map(|s| serde_json::from_str::<serde_json::Value>(&s).unwrap())
+                    };
                     assert_eq!(parse(got), parse(expected), "{}", desc.full_name());
                 } else {
                     assert_eq!(got, expected, "{} from {bytes:?}", desc.full_name());
@@ -891,7 +937,9 @@ mod tests {
     fn wire_corner_cases_read_as_protobuf_reads_them() {
         let pool = pool();
         let builder = WireJsonBuilder::new(&pool);
-        let deal = pool.get_message_by_name("flashmesh.catalog.v1.Deal").unwrap();
+        let deal = pool
+            .get_message_by_name("flashmesh.catalog.v1.Deal")
+            .unwrap();
         let field = |name: &str| deal.get_field_by_name(name).unwrap().number();
         let key = |name: &str, wire: u8| u8::try_from(field(name) << 3).unwrap() | wire;
         assert!(field("starts_at") < 16, "one-byte keys below");
@@ -917,10 +965,10 @@ mod tests {
             assert!(render(&builder, &deal, &bytes).is_some(), "{bytes:?}");
         }
         let broken: Vec<Vec<u8>> = vec![
-            vec![id, 5, b'a'],                       // truncated
-            vec![id, 2, 0xC3, 0x28],                 // not UTF-8
-            vec![key("id", VARINT), 1],              // wrong wire type
-            vec![0x00],                              // field number 0
+            vec![id, 5, b'a'],          // truncated
+            vec![id, 2, 0xC3, 0x28],    // not UTF-8
+            vec![key("id", VARINT), 1], // wrong wire type
+            vec![0x00],                 // field number 0
         ];
         for bytes in &broken[..3] {
             assert_eq!(render(&builder, &deal, bytes), None, "{bytes:?}");
@@ -929,7 +977,10 @@ mod tests {
         assert_eq!(render(&builder, &deal, &broken[3]), None);
         // Out of the JSON range (year 10000): refused, as prost-reflect does.
         let mut late = vec![starts];
-        let seconds = prost_types::Timestamp { seconds: MAX_TIMESTAMP_SECONDS + 1, nanos: 0 };
+        let seconds = prost_types::Timestamp {
+            seconds: MAX_TIMESTAMP_SECONDS + 1,
+            nanos: 0,
+        };
         let inner = seconds.encode_to_vec();
         late.push(u8::try_from(inner.len()).unwrap());
         late.extend(inner);
@@ -940,19 +991,39 @@ mod tests {
     #[test]
     fn timestamps_read_as_prost_types_writes_them() {
         let mut rng = StdRng::seed_from_u64(11);
-        let edges = [MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS, 0, -1, 951_782_400, 68_256_000];
+        let edges = [
+            MIN_TIMESTAMP_SECONDS,
+            MAX_TIMESTAMP_SECONDS,
+            0,
+            -1,
+            951_782_400,
+            68_256_000,
+        ];
         for i in 0..20_000 {
             let seconds = if i < edges.len() {
                 edges[i]
             } else {
                 rng.random_range(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS)
             };
-            let nanos = [0, 5_000_000, 120_000, 7, rng.random_range(0..1_000_000_000), -1, 1_500_000_000]
-                [rng.random_range(0..7)];
+            let nanos = [
+                0,
+                5_000_000,
+                120_000,
+                7,
+                rng.random_range(0..1_000_000_000),
+                -1,
+                1_500_000_000,
+            ][rng.random_range(0..7)];
             let timestamp = prost_types::Timestamp { seconds, nanos };
             let mut out = Vec::new();
-            write_timestamp(&mut out, &timestamp.encode_to_vec()).ok().unwrap();
-            assert_eq!(String::from_utf8(out).unwrap(), format!("\"{timestamp}\""), "{timestamp:?}");
+            write_timestamp(&mut out, &timestamp.encode_to_vec())
+                .ok()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("\"{timestamp}\""),
+                "{timestamp:?}"
+            );
         }
     }
 
@@ -962,7 +1033,8 @@ mod tests {
         let builder = WireJsonBuilder::new(&pool);
         let desc = pool.all_messages().find(|m| {
             m.package_name().starts_with("flashmesh.")
-                && m.fields().any(|f| f.is_list() && matches!(f.kind(), Kind::Enum(_)))
+                && m.fields()
+                    .any(|f| f.is_list() && matches!(f.kind(), Kind::Enum(_)))
         });
         let desc = desc.expect("a message with a repeated enum");
         let list = desc
@@ -972,9 +1044,20 @@ mod tests {
         let n = u8::try_from(list.number()).unwrap();
         assert!(n < 16, "one-byte keys below");
         // Packed [1, 2], then one unpacked 3, then packed [0].
-        let bytes = vec![n << 3 | LEN, 2, 1, 2, n << 3 | VARINT, 3, n << 3 | LEN, 1, 0];
+        let bytes = vec![
+            n << 3 | LEN,
+            2,
+            1,
+            2,
+            n << 3 | VARINT,
+            3,
+            n << 3 | LEN,
+            1,
+            0,
+        ];
         let got = builder.for_message(&desc).unwrap().to_json(&bytes);
-        let got = String::from_utf8(got.unwrap_or_else(|e| panic!("{}: {e}", desc.full_name()))).unwrap();
+        let got =
+            String::from_utf8(got.unwrap_or_else(|e| panic!("{}: {e}", desc.full_name()))).unwrap();
         assert_eq!(Some(got.clone()), reference(&desc, &bytes));
         let json: serde_json::Value = serde_json::from_str(&got).unwrap();
         assert_eq!(json[list.name()].as_array().unwrap().len(), 4, "{got}");
@@ -987,12 +1070,16 @@ mod tests {
         let desc = pool
             .get_message_by_name("flashmesh.catalog.v1.GetDealResponse")
             .unwrap();
-        let mut deal = DynamicMessage::new(pool.get_message_by_name("flashmesh.catalog.v1.Deal").unwrap());
+        let mut deal = DynamicMessage::new(
+            pool.get_message_by_name("flashmesh.catalog.v1.Deal")
+                .unwrap(),
+        );
         deal.set_field_by_name("id", Value::String("d1".into()));
         deal.set_field_by_name("price_cents", Value::I64(12900));
         deal.set_field_by_name("state", Value::EnumNumber(3));
         let starts = DynamicMessage::deserialize(
-            pool.get_message_by_name("google.protobuf.Timestamp").unwrap(),
+            pool.get_message_by_name("google.protobuf.Timestamp")
+                .unwrap(),
             &serde_json::json!("2025-11-28T09:00:00Z"),
         )
         .unwrap();

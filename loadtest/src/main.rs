@@ -171,6 +171,11 @@ enum Bench {
     },
 }
 
+/// The same allocator as `flashmesh`, so the bare hop (which runs in this
+/// process) is measured on equal terms with the gateway.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let backends = Backends::from_env();
