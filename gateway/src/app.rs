@@ -208,7 +208,11 @@ fn timeout(headers: &HeaderMap, config: &GatewayConfig) -> Duration {
     asked.map_or(config.default_timeout, |t| t.min(config.max_timeout))
 }
 
-/// Headers passed to the upstream as gRPC metadata.
+/// Headers passed to the upstream as gRPC metadata. All go out as HPACK
+/// "never indexed" literals: a bearer token is a secret (RFC 7541 §7.1.3),
+/// and a request id or trace context is new on every request, so indexing
+/// them would only churn both ends' dynamic tables and push out the
+/// headers that do repeat.
 const FORWARDED: [header::HeaderName; 4] = [
     header::AUTHORIZATION,
     telemetry::X_REQUEST_ID,
@@ -223,7 +227,9 @@ fn upstream_request(
     let mut metadata = HeaderMap::with_capacity(FORWARDED.len());
     for name in FORWARDED {
         if let Some(value) = headers.get(&name) {
-            metadata.insert(name, value.clone());
+            let mut value = value.clone();
+            value.set_sensitive(true);
+            metadata.insert(name, value);
         }
     }
     tonic::Request::from_parts(
