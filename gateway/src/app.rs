@@ -208,11 +208,7 @@ fn timeout(headers: &HeaderMap, config: &GatewayConfig) -> Duration {
     asked.map_or(config.default_timeout, |t| t.min(config.max_timeout))
 }
 
-/// Headers passed to the upstream as gRPC metadata. All go out as HPACK
-/// "never indexed" literals: a bearer token is a secret (RFC 7541 §7.1.3),
-/// and a request id or trace context is new on every request, so indexing
-/// them would only churn both ends' dynamic tables and push out the
-/// headers that do repeat.
+/// Headers passed to the upstream as gRPC metadata.
 const FORWARDED: [header::HeaderName; 4] = [
     header::AUTHORIZATION,
     telemetry::X_REQUEST_ID,
@@ -228,7 +224,9 @@ fn upstream_request(
     for name in FORWARDED {
         if let Some(value) = headers.get(&name) {
             let mut value = value.clone();
-            value.set_sensitive(true);
+            // A bearer token is a secret: HPACK "never indexed" (RFC 7541
+            // §7.1.3), so no hop's compression context keeps it.
+            value.set_sensitive(name == header::AUTHORIZATION);
             metadata.insert(name, value);
         }
     }
