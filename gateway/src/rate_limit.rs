@@ -41,6 +41,7 @@
 //!   every request, or admitting all of them).
 
 use std::{
+    collections::VecDeque,
     hash::{BuildHasher, RandomState},
     net::IpAddr,
     sync::{
@@ -55,7 +56,7 @@ use flashmesh_platform::redis::RedisHandle;
 use hashbrown::HashTable;
 use http::{HeaderName, HeaderValue, StatusCode, header};
 use redis::aio::ConnectionManager;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::problem::Problem;
 
@@ -278,7 +279,6 @@ pub trait RateLimiter: Send + Sync {
 
 /// The limiter the configuration asks for: Redis-backed, falling back to the
 /// process when Redis fails, when `REDIS_URL` is set; in process otherwise.
-/// Needs a Tokio runtime when Redis-backed (the batching task is spawned).
 pub fn limiter(redis: Option<&RedisHandle>) -> Arc<dyn RateLimiter> {
     match redis {
         Some(redis) => Arc::new(FallbackLimiter::new(RedisLimiter::new(redis))),
@@ -416,8 +416,10 @@ pub enum RateLimitError {
     Timeout(Duration),
     #[error("rate-limit store answered {0} where the checks needed otherwise")]
     Reply(String),
-    #[error("the rate-limit batching task has stopped")]
-    Stopped,
+    #[error("too many checks waiting for the rate-limit store")]
+    Overloaded,
+    #[error("the batch carrying this check was abandoned")]
+    Abandoned,
 }
 
 /// A limiter whose buckets live elsewhere and whose calls can fail: the seam
@@ -473,85 +475,195 @@ return groups
 
 /// The most requests one EVALSHA carries.
 pub const MAX_BATCH: usize = 128;
-/// Requests waiting for a batch at most; beyond that senders wait (and the
-/// fallback's timeout bounds how long).
+/// Requests waiting for the next batch at most; beyond that a check fails
+/// (and the fallback answers it).
 const QUEUE_CAPACITY: usize = 32 * MAX_BATCH;
 
-/// One request's checks on their way to Redis: its buckets' full keys and
-/// quotas, and where the group's raw answer goes.
-struct Job {
-    buckets: Vec<(String, Quota)>,
-    answer: oneshot::Sender<Result<Vec<i64>, RateLimitError>>,
-}
+/// A bucket's full Redis key and its quota.
+type Bucket = (String, Quota);
 
 /// GCRA shared by every replica through Redis, concurrent requests batched
 /// into one call.
+///
+/// No task of its own: the request that finds no call in flight sends the
+/// batch itself (at low load, just its own checks: the same path and cost
+/// as an unbatched call); requests arriving meanwhile queue, and when the
+/// call returns its sender answers them and hands the right to send the
+/// next batch to the first one still waiting. A batching task would cost
+/// every request two more task wake-ups, which is what batching saves.
 pub struct RedisLimiter {
-    jobs: mpsc::Sender<Job>,
+    batches: Arc<Batches>,
     /// The namespace of every bucket's key.
     prefix: String,
 }
 
+struct Batches {
+    queue: Mutex<Queue>,
+    connection: ConnectionManager,
+    script: redis::Script,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Whether a request holds the [`Leadership`].
+    led: bool,
+    waiting: VecDeque<Follower>,
+}
+
+/// A request waiting for the next batch.
+struct Follower {
+    buckets: Vec<Bucket>,
+    answer: oneshot::Sender<Answer>,
+}
+
+enum Answer {
+    /// The group's raw answer.
+    Group(Result<Vec<i64>, RateLimitError>),
+    /// Send the next batch, starting with these, your own buckets.
+    Lead(Leadership, Vec<Bucket>),
+}
+
+/// What a request joining the batches does.
+enum Turn {
+    Lead(Leadership, Vec<Bucket>),
+    Wait(oneshot::Receiver<Answer>),
+}
+
+/// The right, and the duty, to send the next batch. Dropping it (done, or
+/// cancelled by the caller's timeout, or never received) passes it on to the
+/// first request still waiting, so the queue never stalls.
+struct Leadership {
+    batches: Arc<Batches>,
+    /// False once passed on.
+    held: bool,
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        if self.held {
+            self.batches.hand_over();
+        }
+    }
+}
+
 impl RedisLimiter {
-    /// Spawns the task that sends the batches; it ends when the limiter is
-    /// dropped.
     pub fn new(redis: &RedisHandle) -> Self {
-        let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(send_batches(
-            queue,
-            redis.connection(),
-            redis::Script::new(GCRA_BATCH_SCRIPT),
-        ));
         Self {
-            jobs,
+            batches: Arc::new(Batches {
+                queue: Mutex::default(),
+                connection: redis.connection(),
+                script: redis::Script::new(GCRA_BATCH_SCRIPT),
+            }),
             prefix: redis.key("gateway:rl:"),
         }
     }
 }
 
-/// Sends what is queued, up to [`MAX_BATCH`] requests, as one EVALSHA, and
-/// waits for its answer before sending the next batch: one call in flight,
-/// and everything that arrives meanwhile goes in the next.
-async fn send_batches(
-    mut queue: mpsc::Receiver<Job>,
-    mut connection: ConnectionManager,
-    script: redis::Script,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+impl Batches {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `buckets` lead the next batch if no request does; otherwise they
+    /// wait for an answer, or for the lead.
+    fn join(self: &Arc<Self>, buckets: Vec<Bucket>) -> Result<Turn, RateLimitError> {
+        let mut queue = self.queue();
+        if !queue.led {
+            queue.led = true;
+            let leadership = Leadership {
+                batches: self.clone(),
+                held: true,
+            };
+            return Ok(Turn::Lead(leadership, buckets));
+        }
+        if queue.waiting.len() >= QUEUE_CAPACITY {
+            return Err(RateLimitError::Overloaded);
+        }
+        let (answer, answered) = oneshot::channel();
+        queue.waiting.push_back(Follower { buckets, answer });
+        Ok(Turn::Wait(answered))
+    }
+
+    /// The lead to the first request still waiting, or to whoever comes
+    /// next if none is.
+    fn hand_over(self: &Arc<Self>) {
+        loop {
+            let next = {
+                let mut queue = self.queue();
+                let next = queue.waiting.pop_front();
+                queue.led = next.is_some();
+                next
+            };
+            let Some(next) = next else {
+                return;
+            };
+            let leadership = Leadership {
+                batches: self.clone(),
+                held: true,
+            };
+            match next.answer.send(Answer::Lead(leadership, next.buckets)) {
+                Ok(()) => return,
+                // Gone (its caller stopped waiting): on to the next one,
+                // without the refused lead handing over again on drop.
+                Err(refused) => {
+                    if let Answer::Lead(mut refused, _) = refused {
+                        refused.held = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `own` and up to a batch of waiting requests' checks as one
+    /// call; answers the followers, returns `own`'s group.
+    async fn send(&self, own: &[Bucket]) -> Result<Vec<i64>, RateLimitError> {
+        let followers: Vec<Follower> = {
+            let mut queue = self.queue();
+            let n = queue.waiting.len().min(MAX_BATCH - 1);
+            queue.waiting.drain(..n).collect()
+        };
         // A caller that stopped waiting (the fallback answered it) must not
         // spend from the shared buckets as well.
-        batch.retain(|job: &Job| !job.answer.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        let mut invocation = script.prepare_invoke();
-        for job in &batch {
-            invocation.arg(job.buckets.len());
-            for (key, quota) in &job.buckets {
+        let followers: Vec<Follower> = followers
+            .into_iter()
+            .filter(|follower| !follower.answer.is_closed())
+            .collect();
+        let mut invocation = self.script.prepare_invoke();
+        for buckets in std::iter::once(own).chain(followers.iter().map(|f| &f.buckets[..])) {
+            invocation.arg(buckets.len());
+            for (key, quota) in buckets {
                 invocation
                     .key(key)
                     .arg(quota.interval_us())
                     .arg(quota.burst());
             }
         }
-        let answer: Result<Vec<Vec<i64>>, _> = invocation.invoke_async(&mut connection).await;
-        let answers: Vec<Result<Vec<i64>, RateLimitError>> = match answer {
-            Ok(groups) if groups.len() == batch.len() => groups.into_iter().map(Ok).collect(),
+        let answer: Result<Vec<Vec<i64>>, _> =
+            invocation.invoke_async(&mut self.connection.clone()).await;
+        let mut groups: Vec<Result<Vec<i64>, RateLimitError>> = match answer {
+            Ok(groups) if groups.len() == 1 + followers.len() => {
+                groups.into_iter().map(Ok).collect()
+            }
             Ok(groups) => {
                 let error = RateLimitError::Reply(format!(
                     "{} groups for {} requests",
                     groups.len(),
-                    batch.len()
+                    1 + followers.len()
                 ));
-                vec![Err(error); batch.len()]
+                vec![Err(error); 1 + followers.len()]
             }
-            Err(error) => vec![Err(error.into()); batch.len()],
+            Err(error) => vec![Err(error.into()); 1 + followers.len()],
         };
-        for (job, answer) in batch.drain(..).zip(answers) {
+        let others = groups.split_off(1);
+        for (follower, group) in followers.into_iter().zip(others) {
             // Nobody listens any more if the caller timed out meanwhile.
-            let _ = job.answer.send(answer);
+            let _ = follower.answer.send(Answer::Group(group));
         }
+        groups
+            .pop()
+            .unwrap_or_else(|| Err(RateLimitError::Reply("no groups".to_owned())))
     }
 }
 
@@ -592,13 +704,18 @@ impl SharedLimiter for RedisLimiter {
             .iter()
             .map(|check| (format!("{}{}", self.prefix, check.key), check.quota))
             .collect();
-        let (answer, answered) = oneshot::channel();
-        self.jobs
-            .send(Job { buckets, answer })
-            .await
-            .map_err(|_| RateLimitError::Stopped)?;
-        let group = answered.await.map_err(|_| RateLimitError::Stopped)??;
-        decode(checks, &group)
+        let (leadership, buckets) = match self.batches.join(buckets)? {
+            Turn::Lead(leadership, buckets) => (leadership, buckets),
+            Turn::Wait(answered) => match answered.await {
+                Ok(Answer::Group(group)) => return decode(checks, &group?),
+                Ok(Answer::Lead(leadership, buckets)) => (leadership, buckets),
+                Err(_) => return Err(RateLimitError::Abandoned),
+            },
+        };
+        let group = self.batches.send(&buckets).await;
+        // The next batch goes out before this one's answer is read.
+        drop(leadership);
+        decode(checks, &group?)
     }
 }
 
@@ -1363,6 +1480,49 @@ mod tests {
         let limiter = patient(&redis);
         later_refusal_stops_the_group(&limiter).await;
         assert_eq!(limiter.degraded_checks(), 0);
+        clean_up(&redis).await;
+    }
+
+    /// A leader whose caller gives up mid-call (the fallback's timeout)
+    /// passes the lead on: the request queued behind it is still sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_gives_up_hands_over() {
+        let prefix = unique_prefix();
+        let redis = connect(&redis_url(), &prefix).await;
+        let limiter = Arc::new(RedisLimiter::new(&redis));
+        let checks = one("k", Quota::new(1, 100));
+        for _ in 0..3 {
+            // Loopback Redis may answer within the first poll; until it
+            // does not, the leader's call is in flight.
+            let mut leader = Box::pin(limiter.try_check(&checks));
+            for _ in 0..100 {
+                if futures::poll!(leader.as_mut()).is_pending() {
+                    break;
+                }
+                leader = Box::pin(limiter.try_check(&checks));
+            }
+            let follower = {
+                let limiter = limiter.clone();
+                let checks = checks.clone();
+                tokio::spawn(async move { limiter.try_check(&checks).await })
+            };
+            let queued = Instant::now();
+            while limiter.batches.queue().waiting.is_empty() {
+                assert!(queued.elapsed() < Duration::from_secs(5), "never queued");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drop(leader);
+            let decision = tokio::time::timeout(Duration::from_secs(5), follower)
+                .await
+                .expect("the follower was sent")
+                .expect("task")
+                .expect("Redis answers");
+            assert!(decision.allowed);
+        }
+        assert!(
+            !limiter.batches.queue().led,
+            "nobody leads when all is done"
+        );
         clean_up(&redis).await;
     }
 
