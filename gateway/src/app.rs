@@ -6,7 +6,7 @@
 use std::{
     collections::{HashMap, HashSet},
     convert::Infallible,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -28,7 +28,7 @@ use axum::{
 use flashmesh_platform::{
     call::parse_grpc_timeout,
     config::Transport,
-    identity::{Caller, TokenError},
+    identity::TokenError,
     telemetry,
     upstream::{
         BalancedChannel, UpstreamSettings, UpstreamUrlError, balanced_channel, system_resolver,
@@ -43,7 +43,7 @@ use crate::{
     config::GatewayConfig,
     edge_auth::EdgeAuth,
     problem::Problem,
-    rate_limit::{Decision, RateLimiter},
+    rate_limit::{Checks, RateLimiter},
     transcode::{GatewayCodec, Route, RouteLookup, RouteTable, build_request},
 };
 
@@ -291,7 +291,18 @@ impl Gateway {
             (Some(token), false) => Some(self.auth.caller(token).await.map_err(token_problem)?),
         };
         let client = client_ip(peer.ip(), &parts.headers, &self.config.trusted_proxies);
-        let limits = self.check_limits(client, caller.as_ref(), rpc).await?;
+        let checks = Checks::for_request(
+            client,
+            self.config.ip_quota,
+            caller
+                .as_ref()
+                .map(|caller| (caller.user_id.as_str(), self.config.user_quota)),
+            self.config.route_quotas.get(rpc).map(|quota| (rpc, *quota)),
+        );
+        let limits = self.limiter.check(&checks).await;
+        if !limits.allowed {
+            return Err(limits.problem());
+        }
 
         let body = self.read_body(route, &parts.headers, body).await?;
         let mut message = build_request(route, &params, parts.uri.query(), &body).map_err(|e| {
@@ -327,49 +338,6 @@ impl Gateway {
             response.headers_mut().insert(name, value);
         }
         Ok(response)
-    }
-
-    /// Per IP, then per user, then per caller on this RPC if it has a quota
-    /// of its own; the first refusal stops the checks, and the decision whose
-    /// headers the client sees is the tightest one.
-    async fn check_limits(
-        &self,
-        client: IpAddr,
-        caller: Option<&Caller>,
-        rpc: &str,
-    ) -> Result<Decision, Problem> {
-        let ip = format!("ip:{client}");
-        let mut tightest = self.limiter.check(&ip, self.config.ip_quota).await;
-        let user = caller.map(|caller| format!("user:{}", caller.user_id));
-        let route = self.config.route_quotas.get(rpc).map(|quota| {
-            let who = user.as_deref().unwrap_or(&ip);
-            (format!("route:{rpc}:{who}"), *quota)
-        });
-        let more = [
-            user.clone().map(|user| (user, self.config.user_quota)),
-            route,
-        ];
-        for (key, quota) in more.into_iter().flatten() {
-            if !tightest.allowed {
-                break;
-            }
-            let decision = self.limiter.check(&key, quota).await;
-            if !decision.allowed || decision.remaining < tightest.remaining {
-                tightest = decision;
-            }
-        }
-        if tightest.allowed {
-            return Ok(tightest);
-        }
-        let mut problem = Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "RATE_LIMITED",
-            "too many requests; slow down and retry after the time in Retry-After",
-        );
-        for (name, value) in tightest.headers() {
-            problem = problem.with_header(name, value);
-        }
-        Err(problem)
     }
 
     async fn read_body(

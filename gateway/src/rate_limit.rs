@@ -5,23 +5,45 @@
 //! theoretical arrival time (TAT): when the bucket would be full again if
 //! requests kept arriving at the sustained rate. A request is allowed when
 //! adding one emission interval to the TAT keeps it within `burst` intervals
-//! of now. Both implementations run the same arithmetic in microseconds:
+//! of now. Every implementation runs the same arithmetic in microseconds.
 //!
-//! * [`LocalLimiter`] — in process, over a bounded moka cache whose entries
-//!   expire exactly when their bucket is full again (a missing bucket and a
-//!   full one are the same thing). Chosen over `governor`'s keyed limiter
-//!   because that one fixes one quota per limiter (we need a quota per
-//!   route), grows its keyed store until someone calls `retain_recent`, and
-//!   only reports "remaining" through a middleware while not reporting the
-//!   time until the bucket is full; a 20-line GCRA gives exact headers and
-//!   is the same arithmetic the Redis script runs, so both answer alike.
-//! * [`RedisLimiter`] — one Lua script, one round trip, Redis `TIME` as the
-//!   clock every replica shares, so all replicas draw from one budget.
+//! A request spends from several buckets ([`Checks`]: its IP's, its user's,
+//! the route's own) and the limiter takes them all in one call: in order, the
+//! first refusal stops, and the answer is the tightest decision. One call per
+//! request is what lets the Redis limiter answer a request in at most one
+//! round trip.
+//!
+//! * [`LocalLimiter`] — in process: sharded mutexes over hash tables of TATs
+//!   keyed by a keyed 64-bit hash of (key, quota). A check is a hash, an
+//!   uncontended lock and a probe (moka's `and_compute_with`, used before,
+//!   cost ~10k instructions a check: per-key async locks, an owned key, the
+//!   expiry bookkeeping). Memory stays bounded by a bucket cap per shard: a
+//!   bucket that is full again is the same as an absent one, so when a shard
+//!   is at its cap the full ones are swept out, and if too few were, those
+//!   nearest to full are forgotten (which hands their keys a full bucket);
+//!   each sweep leaves an eighth of the shard free, so sweeping is amortized.
+//!   Chosen over `governor`'s keyed limiter because that one fixes one quota
+//!   per limiter (we need a quota per route), grows its keyed store until
+//!   someone calls `retain_recent`, and only reports "remaining" through a
+//!   middleware while not reporting the time until the bucket is full.
+//! * [`RedisLimiter`] — one Lua script, Redis `TIME` as the clock every
+//!   replica shares, so all replicas draw from one budget. Concurrent
+//!   requests are batched naturally: a request's checks go straight out when
+//!   no call is in flight, and otherwise wait for it to return, when all that
+//!   queued meanwhile (up to [`MAX_BATCH`] requests) goes out as one EVALSHA.
+//!   The script runs the groups in order, atomically, so each gets exactly
+//!   what sequential checks would give it; what batching saves is the
+//!   per-call cost on both ends (syscalls, task wake-ups, Redis's command
+//!   dispatch), which was most of a Redis-backed check's CPU. At low load a
+//!   batch holds one request and the latency is one round trip, as before.
 //! * [`FallbackLimiter`] — Redis first, bounded to ~50 ms; on an error or a
 //!   timeout, the local limiter answers (per-replica budgets beat failing
 //!   every request, or admitting all of them).
 
 use std::{
+    collections::VecDeque,
+    hash::{BuildHasher, RandomState},
+    net::IpAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -31,8 +53,10 @@ use std::{
 
 use async_trait::async_trait;
 use flashmesh_platform::redis::RedisHandle;
+use hashbrown::HashTable;
 use http::{HeaderName, HeaderValue, StatusCode, header};
-use moka::{Expiry, future::Cache, ops::compute::Op};
+use redis::aio::ConnectionManager;
+use tokio::sync::oneshot;
 
 use crate::problem::Problem;
 
@@ -108,7 +132,7 @@ impl Decision {
         let problem = Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "RATE_LIMITED",
-            "too many requests; retry after the time in Retry-After",
+            "too many requests; slow down and retry after the time in Retry-After",
         );
         self.headers()
             .into_iter()
@@ -117,15 +141,15 @@ impl Decision {
             })
     }
 
-    /// What to answer when there is no verdict: allowed, headers truthful
-    /// about the quota only.
-    fn unknown(quota: Quota) -> Self {
+    /// A refusal whose bucket is full again in `reset_after_us` and admits
+    /// one more request in `retry_after_us`.
+    fn denied(quota: Quota, reset_after_us: u64, retry_after_us: u64) -> Self {
         Self {
-            allowed: true,
+            allowed: false,
             limit: quota.burst(),
-            remaining: quota.burst().saturating_sub(1),
-            reset_after: Duration::ZERO,
-            retry_after: None,
+            remaining: 0,
+            reset_after: Duration::from_micros(reset_after_us),
+            retry_after: Some(Duration::from_micros(retry_after_us.max(1))),
         }
     }
 }
@@ -144,14 +168,10 @@ fn gcra(stored_tat_us: Option<u64>, now_us: u64, quota: Quota) -> (Option<u64>, 
     let new_tat = tat.saturating_add(interval);
     let allow_at = new_tat.saturating_sub(capacity);
     if now_us < allow_at {
-        let decision = Decision {
-            allowed: false,
-            limit: burst,
-            remaining: 0,
-            reset_after: Duration::from_micros(tat - now_us),
-            retry_after: Some(Duration::from_micros(allow_at - now_us)),
-        };
-        (None, decision)
+        (
+            None,
+            Decision::denied(quota, tat - now_us, allow_at - now_us),
+        )
     } else {
         (Some(new_tat), allowed(quota, new_tat - now_us))
     }
@@ -173,17 +193,95 @@ fn allowed(quota: Quota, reset_after_us: u64) -> Decision {
     }
 }
 
+/// One bucket to spend from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub key: String,
+    pub quota: Quota,
+}
+
+/// The buckets one request spends from, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checks {
+    first: Check,
+    more: Vec<Check>,
+}
+
+impl Checks {
+    pub fn new(key: String, quota: Quota) -> Self {
+        Self {
+            first: Check { key, quota },
+            more: Vec::new(),
+        }
+    }
+
+    /// `self`, then `key`'s bucket.
+    #[must_use]
+    pub fn then(mut self, key: String, quota: Quota) -> Self {
+        self.more.push(Check { key, quota });
+        self
+    }
+
+    /// A request's checks: per client IP; per user when signed in; and, on a
+    /// route with a quota of its own, per caller (the user, else the IP) on
+    /// that route.
+    pub fn for_request(
+        client: IpAddr,
+        ip_quota: Quota,
+        user: Option<(&str, Quota)>,
+        route: Option<(&str, Quota)>,
+    ) -> Self {
+        let ip = format!("ip:{client}");
+        let user = user.map(|(id, quota)| (format!("user:{id}"), quota));
+        let route = route.map(|(rpc, quota)| {
+            let who = user.as_ref().map_or(&ip, |(user, _)| user);
+            (format!("route:{rpc}:{who}"), quota)
+        });
+        [user, route]
+            .into_iter()
+            .flatten()
+            .fold(Self::new(ip, ip_quota), |checks, (key, quota)| {
+                checks.then(key, quota)
+            })
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Check> {
+        std::iter::once(&self.first).chain(&self.more)
+    }
+
+    fn len(&self) -> usize {
+        1 + self.more.len()
+    }
+}
+
+/// Folds a group's decisions, taken in order, into the one the client is
+/// told: the first refusal (nothing after it is taken from `more`, which may
+/// spend lazily), or else the allowed decision with the fewest requests
+/// remaining.
+fn tightest(first: Decision, more: impl IntoIterator<Item = Decision>) -> Decision {
+    let mut tightest = first;
+    let mut more = more.into_iter();
+    while tightest.allowed {
+        let Some(decision) = more.next() else { break };
+        if !decision.allowed || decision.remaining < tightest.remaining {
+            tightest = decision;
+        }
+    }
+    tightest
+}
+
 #[async_trait]
 pub trait RateLimiter: Send + Sync {
-    /// Spends one request from `key`'s bucket, if it has one left.
-    async fn check(&self, key: &str, quota: Quota) -> Decision;
+    /// Spends one request from each of `checks`' buckets in order, up to the
+    /// first that has none left; answers the tightest decision.
+    async fn check(&self, checks: &Checks) -> Decision;
 }
 
 /// The limiter the configuration asks for: Redis-backed, falling back to the
 /// process when Redis fails, when `REDIS_URL` is set; in process otherwise.
 pub fn limiter(redis: Option<&RedisHandle>) -> Arc<dyn RateLimiter> {
     match redis {
-        Some(redis) => Arc::new(FallbackLimiter::new(RedisLimiter::new(redis.clone()))),
+        Some(redis) => Arc::new(FallbackLimiter::new(RedisLimiter::new(redis))),
         None => Arc::new(LocalLimiter::default()),
     }
 }
@@ -191,10 +289,17 @@ pub fn limiter(redis: Option<&RedisHandle>) -> Arc<dyn RateLimiter> {
 // ---------------------------------------------------------------------------
 // In process
 
-/// In-process GCRA over a bounded cache keyed by `(key, quota)`.
+/// Lock shards: enough that concurrent requests rarely meet on one.
+const SHARDS: usize = 64;
+
+/// In-process GCRA: TATs in sharded hash tables keyed by a hash of
+/// `(key, quota)`. The hash is SipHash under per-process random keys, so a
+/// client cannot aim a collision at someone else's bucket; two buckets
+/// sharing a 64-bit hash by chance (odds ~n²/2⁶⁵) would share a budget.
 pub struct LocalLimiter {
-    /// TAT in microseconds since `epoch`.
-    buckets: Cache<(String, Quota), u64>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    shard_capacity: usize,
     epoch: Instant,
 }
 
@@ -205,155 +310,412 @@ impl Default for LocalLimiter {
 }
 
 impl LocalLimiter {
-    /// At most `max_buckets` buckets; beyond that the least useful are
-    /// forgotten (which hands their keys a full bucket).
-    pub fn new(max_buckets: u64) -> Self {
-        let epoch = Instant::now();
+    /// At most about `max_buckets` buckets (rounded up to a multiple of the
+    /// shard count); beyond that the ones nearest to full are forgotten.
+    pub fn new(max_buckets: usize) -> Self {
         Self {
-            buckets: Cache::builder()
-                .max_capacity(max_buckets)
-                .expire_after(FullAtTat { epoch })
-                .build(),
-            epoch,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            shard_capacity: max_buckets.div_ceil(SHARDS).max(8),
+            epoch: Instant::now(),
         }
     }
 
-    fn now_us(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    /// [`RateLimiter::check`], without the future.
+    pub fn check_now(&self, checks: &Checks) -> Decision {
+        let now_us = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tightest(
+            self.spend(&checks.first, now_us),
+            checks.more.iter().map(|check| self.spend(check, now_us)),
+        )
+    }
+
+    fn spend(&self, check: &Check, now_us: u64) -> Decision {
+        let hash = self.hasher.hash_one((&check.key, check.quota));
+        // The low bits pick the table slot, the top seven its tag: the shard
+        // comes from bits neither uses much.
+        let shard = usize::try_from(hash >> 32).unwrap_or_default() % SHARDS;
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .spend(hash, now_us, check.quota, self.shard_capacity)
+    }
+
+    /// Buckets held (full ones not yet swept included).
+    pub fn buckets(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .tats
+                    .len()
+            })
+            .sum()
     }
 }
 
 #[async_trait]
 impl RateLimiter for LocalLimiter {
-    async fn check(&self, key: &str, quota: Quota) -> Decision {
-        let mut decision = None;
-        // Calls on one key are serialized by the cache's per-key lock.
-        self.buckets
-            .entry((key.to_owned(), quota))
-            .and_compute_with(|entry| {
-                let (tat, verdict) = gcra(entry.map(|e| e.into_value()), self.now_us(), quota);
-                decision = Some(verdict);
-                std::future::ready(tat.map_or(Op::Nop, Op::Put))
-            })
-            .await;
-        decision.unwrap_or_else(|| Decision::unknown(quota))
+    async fn check(&self, checks: &Checks) -> Decision {
+        self.check_now(checks)
     }
 }
 
-/// Buckets leave the cache when they are full again.
-struct FullAtTat {
-    epoch: Instant,
+/// One lock's buckets: `(hash, TAT in µs since the limiter's epoch)`.
+#[derive(Default)]
+struct Shard {
+    tats: HashTable<(u64, u64)>,
 }
 
-impl FullAtTat {
-    fn until_full(&self, tat_us: u64, at: Instant) -> Duration {
-        (self.epoch + Duration::from_micros(tat_us)).saturating_duration_since(at)
+impl Shard {
+    fn spend(&mut self, hash: u64, now_us: u64, quota: Quota, capacity: usize) -> Decision {
+        if let Some((_, tat)) = self.tats.find_mut(hash, |&(stored, _)| stored == hash) {
+            let (new_tat, decision) = gcra(Some(*tat), now_us, quota);
+            if let Some(new_tat) = new_tat {
+                *tat = new_tat;
+            }
+            return decision;
+        }
+        let (new_tat, decision) = gcra(None, now_us, quota);
+        if let Some(new_tat) = new_tat {
+            if self.tats.len() >= capacity {
+                self.make_room(now_us, capacity);
+            }
+            self.tats
+                .insert_unique(hash, (hash, new_tat), |&(stored, _)| stored);
+        }
+        decision
     }
-}
 
-impl Expiry<(String, Quota), u64> for FullAtTat {
-    fn expire_after_create(
-        &self,
-        _key: &(String, Quota),
-        tat_us: &u64,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(self.until_full(*tat_us, created_at))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &(String, Quota),
-        tat_us: &u64,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(self.until_full(*tat_us, updated_at))
+    /// Drops the buckets that are full again; if that leaves less than an
+    /// eighth of `capacity` free, also the ones nearest to full (they lose
+    /// the least by being forgotten), so the next sweep is that many
+    /// insertions away.
+    fn make_room(&mut self, now_us: u64, capacity: usize) {
+        self.tats.retain(|&mut (_, tat)| tat > now_us);
+        let keep = capacity - capacity / 8;
+        if self.tats.len() > keep {
+            let mut tats: Vec<u64> = self.tats.iter().map(|&(_, tat)| tat).collect();
+            let excess = tats.len() - keep;
+            let (_, &mut cutoff, _) = tats.select_nth_unstable(excess - 1);
+            self.tats.retain(|&mut (_, tat)| tat > cutoff);
+        }
     }
 }
 
 // ---------------------------------------------------------------------------
 // Redis
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RateLimitError {
     #[error("rate-limit store failed: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("rate-limit store did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("rate-limit store answered {0} where the checks needed otherwise")]
+    Reply(String),
+    #[error("too many checks waiting for the rate-limit store")]
+    Overloaded,
+    #[error("the batch carrying this check was abandoned")]
+    Abandoned,
 }
 
 /// A limiter whose buckets live elsewhere and whose calls can fail: the seam
 /// [`FallbackLimiter`] wraps.
 #[async_trait]
 pub trait SharedLimiter: Send + Sync {
-    async fn try_check(&self, key: &str, quota: Quota) -> Result<Decision, RateLimitError>;
+    async fn try_check(&self, checks: &Checks) -> Result<Decision, RateLimitError>;
 }
 
-/// GCRA in one round trip. `KEYS[1]` the bucket, `ARGV[1]` the emission
-/// interval (µs), `ARGV[2]` the burst. The TAT is stored in µs of Redis
-/// `TIME`, expiring when the bucket is full again. Returns
-/// `{allowed, reset_after_us, retry_after_us}`.
-const GCRA_SCRIPT: &str = r"
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
+/// GCRA over a batch of check groups in one round trip. `KEYS` holds every
+/// group's buckets, group after group; `ARGV` holds per group its number of
+/// checks, then per check its emission interval (µs) and burst. One `TIME`
+/// read is the clock of the whole batch. Each group's checks are spent in
+/// order up to the first refusal; each TAT is stored in µs of Redis `TIME`,
+/// expiring when its bucket is full again. Returns per group
+/// `{allowed, reset_after_us, retry_after_us}` for each check taken, flat.
+const GCRA_BATCH_SCRIPT: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - burst * interval
-if now < allow_at then
-  return {0, tat - now, allow_at - now}
+local groups = {}
+local key = 0
+local arg = 1
+while arg <= #ARGV do
+  local checks = tonumber(ARGV[arg])
+  arg = arg + 1
+  local group = {}
+  local refused = false
+  for _ = 1, checks do
+    key = key + 1
+    if not refused then
+      local interval = tonumber(ARGV[arg])
+      local burst = tonumber(ARGV[arg + 1])
+      local tat = tonumber(redis.call('GET', KEYS[key]) or now)
+      if tat < now then tat = now end
+      local new_tat = tat + interval
+      local allow_at = new_tat - burst * interval
+      local n = #group
+      if now < allow_at then
+        group[n + 1], group[n + 2], group[n + 3] = 0, tat - now, allow_at - now
+        refused = true
+      else
+        redis.call('SET', KEYS[key], string.format('%d', new_tat),
+          'PX', math.ceil((new_tat - now) / 1000))
+        group[n + 1], group[n + 2], group[n + 3] = 1, new_tat - now, 0
+      end
+    end
+    arg = arg + 2
+  end
+  groups[#groups + 1] = group
 end
-redis.call('SET', KEYS[1], string.format('%d', new_tat),
-  'PX', math.ceil((new_tat - now) / 1000))
-return {1, new_tat - now, 0}
+return groups
 ";
 
-/// GCRA shared by every replica through Redis.
+/// The most requests one EVALSHA carries.
+pub const MAX_BATCH: usize = 128;
+/// Requests waiting for the next batch at most; beyond that a check fails
+/// (and the fallback answers it).
+const QUEUE_CAPACITY: usize = 32 * MAX_BATCH;
+
+/// A bucket's full Redis key and its quota.
+type Bucket = (String, Quota);
+
+/// GCRA shared by every replica through Redis, concurrent requests batched
+/// into one call.
+///
+/// No task of its own: the request that finds no call in flight sends the
+/// batch itself (at low load, just its own checks: the same path and cost
+/// as an unbatched call); requests arriving meanwhile queue, and when the
+/// call returns its sender answers them and hands the right to send the
+/// next batch to the first one still waiting. A batching task would cost
+/// every request two more task wake-ups, which is what batching saves.
 pub struct RedisLimiter {
-    redis: RedisHandle,
+    batches: Arc<Batches>,
+    /// The namespace of every bucket's key.
+    prefix: String,
+}
+
+struct Batches {
+    queue: Mutex<Queue>,
+    connection: ConnectionManager,
     script: redis::Script,
 }
 
+#[derive(Default)]
+struct Queue {
+    /// Whether a request holds the [`Leadership`].
+    led: bool,
+    waiting: VecDeque<Follower>,
+}
+
+/// A request waiting for the next batch.
+struct Follower {
+    buckets: Vec<Bucket>,
+    answer: oneshot::Sender<Answer>,
+}
+
+enum Answer {
+    /// The group's raw answer.
+    Group(Result<Vec<i64>, RateLimitError>),
+    /// Send the next batch, starting with these, your own buckets.
+    Lead(Leadership, Vec<Bucket>),
+}
+
+/// What a request joining the batches does.
+enum Turn {
+    Lead(Leadership, Vec<Bucket>),
+    Wait(oneshot::Receiver<Answer>),
+}
+
+/// The right, and the duty, to send the next batch. Dropping it (done, or
+/// cancelled by the caller's timeout, or never received) passes it on to the
+/// first request still waiting, so the queue never stalls.
+struct Leadership {
+    batches: Arc<Batches>,
+    /// False once passed on.
+    held: bool,
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        if self.held {
+            self.batches.hand_over();
+        }
+    }
+}
+
 impl RedisLimiter {
-    pub fn new(redis: RedisHandle) -> Self {
+    pub fn new(redis: &RedisHandle) -> Self {
         Self {
-            redis,
-            script: redis::Script::new(GCRA_SCRIPT),
+            batches: Arc::new(Batches {
+                queue: Mutex::default(),
+                connection: redis.connection(),
+                script: redis::Script::new(GCRA_BATCH_SCRIPT),
+            }),
+            prefix: redis.key("gateway:rl:"),
+        }
+    }
+}
+
+impl Batches {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `buckets` lead the next batch if no request does; otherwise they
+    /// wait for an answer, or for the lead.
+    fn join(self: &Arc<Self>, buckets: Vec<Bucket>) -> Result<Turn, RateLimitError> {
+        let mut queue = self.queue();
+        if !queue.led {
+            queue.led = true;
+            let leadership = Leadership {
+                batches: self.clone(),
+                held: true,
+            };
+            return Ok(Turn::Lead(leadership, buckets));
+        }
+        if queue.waiting.len() >= QUEUE_CAPACITY {
+            return Err(RateLimitError::Overloaded);
+        }
+        let (answer, answered) = oneshot::channel();
+        queue.waiting.push_back(Follower { buckets, answer });
+        Ok(Turn::Wait(answered))
+    }
+
+    /// The lead to the first request still waiting, or to whoever comes
+    /// next if none is.
+    fn hand_over(self: &Arc<Self>) {
+        loop {
+            let next = {
+                let mut queue = self.queue();
+                let next = queue.waiting.pop_front();
+                queue.led = next.is_some();
+                next
+            };
+            let Some(next) = next else {
+                return;
+            };
+            let leadership = Leadership {
+                batches: self.clone(),
+                held: true,
+            };
+            match next.answer.send(Answer::Lead(leadership, next.buckets)) {
+                Ok(()) => return,
+                // Gone (its caller stopped waiting): on to the next one,
+                // without the refused lead handing over again on drop.
+                Err(refused) => {
+                    if let Answer::Lead(mut refused, _) = refused {
+                        refused.held = false;
+                    }
+                }
+            }
         }
     }
 
-    fn key(&self, key: &str) -> String {
-        self.redis.key(&format!("gateway:rl:{key}"))
+    /// Sends `own` and up to a batch of waiting requests' checks as one
+    /// call; answers the followers, returns `own`'s group.
+    async fn send(&self, own: &[Bucket]) -> Result<Vec<i64>, RateLimitError> {
+        let followers: Vec<Follower> = {
+            let mut queue = self.queue();
+            let n = queue.waiting.len().min(MAX_BATCH - 1);
+            queue.waiting.drain(..n).collect()
+        };
+        // A caller that stopped waiting (the fallback answered it) must not
+        // spend from the shared buckets as well.
+        let followers: Vec<Follower> = followers
+            .into_iter()
+            .filter(|follower| !follower.answer.is_closed())
+            .collect();
+        let mut invocation = self.script.prepare_invoke();
+        for buckets in std::iter::once(own).chain(followers.iter().map(|f| &f.buckets[..])) {
+            invocation.arg(buckets.len());
+            for (key, quota) in buckets {
+                invocation
+                    .key(key)
+                    .arg(quota.interval_us())
+                    .arg(quota.burst());
+            }
+        }
+        let answer: Result<Vec<Vec<i64>>, _> =
+            invocation.invoke_async(&mut self.connection.clone()).await;
+        let mut groups: Vec<Result<Vec<i64>, RateLimitError>> = match answer {
+            Ok(groups) if groups.len() == 1 + followers.len() => {
+                groups.into_iter().map(Ok).collect()
+            }
+            Ok(groups) => {
+                let error = RateLimitError::Reply(format!(
+                    "{} groups for {} requests",
+                    groups.len(),
+                    1 + followers.len()
+                ));
+                vec![Err(error); 1 + followers.len()]
+            }
+            Err(error) => vec![Err(error.into()); 1 + followers.len()],
+        };
+        let others = groups.split_off(1);
+        for (follower, group) in followers.into_iter().zip(others) {
+            // Nobody listens any more if the caller timed out meanwhile.
+            let _ = follower.answer.send(Answer::Group(group));
+        }
+        groups
+            .pop()
+            .unwrap_or_else(|| Err(RateLimitError::Reply("no groups".to_owned())))
     }
+}
+
+/// A group's decision from its flat `{allowed, reset_after_us,
+/// retry_after_us}` triples, checked against what the script may answer.
+fn decode(checks: &Checks, group: &[i64]) -> Result<Decision, RateLimitError> {
+    let malformed = || RateLimitError::Reply(format!("{group:?}"));
+    let (triples, rest) = group.as_chunks::<3>();
+    if !rest.is_empty() || triples.is_empty() || triples.len() > checks.len() {
+        return Err(malformed());
+    }
+    let micros = |value: i64| u64::try_from(value).map_err(|_| malformed());
+    let mut decisions = Vec::with_capacity(triples.len());
+    for (check, &[allowed_flag, reset_after_us, retry_after_us]) in checks.iter().zip(triples) {
+        decisions.push(match allowed_flag {
+            1 => allowed(check.quota, micros(reset_after_us)?),
+            0 => Decision::denied(
+                check.quota,
+                micros(reset_after_us)?,
+                micros(retry_after_us)?,
+            ),
+            _ => return Err(malformed()),
+        });
+    }
+    // Fewer answers than checks only after a refusal.
+    if decisions.len() < checks.len() && decisions.last().is_none_or(|last| last.allowed) {
+        return Err(malformed());
+    }
+    let mut decisions = decisions.into_iter();
+    let first = decisions.next().ok_or_else(malformed)?;
+    Ok(tightest(first, decisions))
 }
 
 #[async_trait]
 impl SharedLimiter for RedisLimiter {
-    async fn try_check(&self, key: &str, quota: Quota) -> Result<Decision, RateLimitError> {
-        let (allowed_flag, reset_after_us, retry_after_us): (i64, i64, i64) = self
-            .script
-            .key(self.key(key))
-            .arg(quota.interval_us())
-            .arg(quota.burst())
-            .invoke_async(&mut self.redis.connection())
-            .await?;
-        let reset_after_us = u64::try_from(reset_after_us).unwrap_or(0);
-        if allowed_flag == 1 {
-            Ok(allowed(quota, reset_after_us))
-        } else {
-            Ok(Decision {
-                allowed: false,
-                limit: quota.burst(),
-                remaining: 0,
-                reset_after: Duration::from_micros(reset_after_us),
-                retry_after: Some(Duration::from_micros(
-                    u64::try_from(retry_after_us).unwrap_or(0).max(1),
-                )),
-            })
-        }
+    async fn try_check(&self, checks: &Checks) -> Result<Decision, RateLimitError> {
+        let buckets = checks
+            .iter()
+            .map(|check| (format!("{}{}", self.prefix, check.key), check.quota))
+            .collect();
+        let (leadership, buckets) = match self.batches.join(buckets)? {
+            Turn::Lead(leadership, buckets) => (leadership, buckets),
+            Turn::Wait(answered) => match answered.await {
+                Ok(Answer::Group(group)) => return decode(checks, &group?),
+                Ok(Answer::Lead(leadership, buckets)) => (leadership, buckets),
+                Err(_) => return Err(RateLimitError::Abandoned),
+            },
+        };
+        let group = self.batches.send(&buckets).await;
+        // The next batch goes out before this one's answer is read.
+        drop(leadership);
+        decode(checks, &group?)
     }
 }
 
@@ -403,8 +765,8 @@ impl<P: SharedLimiter> FallbackLimiter<P> {
         }
     }
 
-    /// Checks the local limiter answered because the primary failed, timed
-    /// out, or was being left alone after a failure.
+    /// Requests (check groups) the local limiter answered because the
+    /// primary failed, timed out, or was being left alone after a failure.
     pub fn degraded_checks(&self) -> u64 {
         self.degraded.load(Ordering::Relaxed)
     }
@@ -438,9 +800,9 @@ impl<P: SharedLimiter> FallbackLimiter<P> {
 
 #[async_trait]
 impl<P: SharedLimiter> RateLimiter for FallbackLimiter<P> {
-    async fn check(&self, key: &str, quota: Quota) -> Decision {
+    async fn check(&self, checks: &Checks) -> Decision {
         if self.now_us() >= self.skip_primary_until_us.load(Ordering::Relaxed) {
-            let answer = tokio::time::timeout(self.timeout, self.primary.try_check(key, quota))
+            let answer = tokio::time::timeout(self.timeout, self.primary.try_check(checks))
                 .await
                 .unwrap_or(Err(RateLimitError::Timeout(self.timeout)));
             match answer {
@@ -453,13 +815,13 @@ impl<P: SharedLimiter> RateLimiter for FallbackLimiter<P> {
         } else {
             self.degraded.fetch_add(1, Ordering::Relaxed);
         }
-        self.fallback.check(key, quota).await
+        self.fallback.check_now(checks)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicU8};
 
     use super::*;
     use tokio::{
@@ -468,6 +830,10 @@ mod tests {
     };
 
     const SECOND: u64 = MICROS_PER_SECOND;
+
+    fn one(key: &str, quota: Quota) -> Checks {
+        Checks::new(key.to_owned(), quota)
+    }
 
     // -- the arithmetic ----------------------------------------------------
 
@@ -562,9 +928,9 @@ mod tests {
         let limiter = LocalLimiter::default();
         let quota = Quota::new(20, 5); // one per 50 ms
         for _ in 0..5 {
-            assert!(limiter.check("ip:1", quota).await.allowed);
+            assert!(limiter.check(&one("ip:1", quota)).await.allowed);
         }
-        let denied = limiter.check("ip:1", quota).await;
+        let denied = limiter.check(&one("ip:1", quota)).await;
         assert!(!denied.allowed);
         assert_eq!(denied.remaining, 0);
         let retry_after = denied.retry_after.expect("retry_after when denied");
@@ -575,12 +941,12 @@ mod tests {
         assert!(denied.reset_after <= Duration::from_millis(250));
 
         // Another key, and the same key under another quota, are untouched.
-        assert_eq!(limiter.check("ip:2", quota).await.remaining, 4);
-        assert!(limiter.check("ip:1", Quota::new(20, 6)).await.allowed);
+        assert_eq!(limiter.check(&one("ip:2", quota)).await.remaining, 4);
+        assert!(limiter.check(&one("ip:1", Quota::new(20, 6))).await.allowed);
 
         tokio::time::sleep(retry_after + Duration::from_millis(5)).await;
-        assert!(limiter.check("ip:1", quota).await.allowed);
-        assert!(!limiter.check("ip:1", quota).await.allowed);
+        assert!(limiter.check(&one("ip:1", quota)).await.allowed);
+        assert!(!limiter.check(&one("ip:1", quota)).await.allowed);
     }
 
     #[tokio::test]
@@ -589,7 +955,7 @@ mod tests {
         let quota = Quota::new(1, 10);
         let checks = (0..40).map(|_| {
             let limiter = limiter.clone();
-            tokio::spawn(async move { limiter.check("user:7", quota).await.allowed })
+            tokio::spawn(async move { limiter.check(&one("user:7", quota)).await.allowed })
         });
         let mut allowed = 0;
         for check in checks {
@@ -602,8 +968,8 @@ mod tests {
     async fn limiter_without_redis_is_local() {
         let limiter = limiter(None);
         let quota = Quota::new(1, 1);
-        assert!(limiter.check("k", quota).await.allowed);
-        assert!(!limiter.check("k", quota).await.allowed);
+        assert!(limiter.check(&one("k", quota)).await.allowed);
+        assert!(!limiter.check(&one("k", quota)).await.allowed);
     }
 
     // -- Redis -------------------------------------------------------------
@@ -644,15 +1010,15 @@ mod tests {
     async fn redis_allows_the_burst_then_refills() {
         let prefix = unique_prefix();
         let redis = connect(&redis_url(), &prefix).await;
-        let limiter = RedisLimiter::new(redis.clone());
+        let limiter = RedisLimiter::new(&redis);
         let quota = Quota::new(10, 3);
         for remaining in [2, 1, 0] {
-            let decision = limiter.try_check("ip:1", quota).await.expect("check");
+            let decision = limiter.try_check(&one("ip:1", quota)).await.expect("check");
             assert!(decision.allowed);
             assert_eq!(decision.remaining, remaining);
             assert_eq!(decision.limit, 3);
         }
-        let denied = limiter.try_check("ip:1", quota).await.expect("check");
+        let denied = limiter.try_check(&one("ip:1", quota)).await.expect("check");
         assert!(!denied.allowed);
         let retry_after = denied.retry_after.expect("retry_after when denied");
         assert!(
@@ -670,14 +1036,14 @@ mod tests {
         tokio::time::sleep(retry_after + Duration::from_millis(5)).await;
         assert!(
             limiter
-                .try_check("ip:1", quota)
+                .try_check(&one("ip:1", quota))
                 .await
                 .expect("check")
                 .allowed
         );
         assert!(
             !limiter
-                .try_check("ip:1", quota)
+                .try_check(&one("ip:1", quota))
                 .await
                 .expect("check")
                 .allowed
@@ -689,8 +1055,9 @@ mod tests {
     async fn two_replicas_share_one_budget() {
         let prefix = unique_prefix();
         let url = redis_url();
-        let replica_a = Arc::new(RedisLimiter::new(connect(&url, &prefix).await));
-        let replica_b = Arc::new(RedisLimiter::new(connect(&url, &prefix).await));
+        let redis = connect(&url, &prefix).await;
+        let replica_a = Arc::new(RedisLimiter::new(&redis));
+        let replica_b = Arc::new(RedisLimiter::new(&connect(&url, &prefix).await));
         let quota = Quota::new(1, 10);
         let checks = (0..20).map(|i| {
             let limiter = if i % 2 == 0 {
@@ -698,7 +1065,7 @@ mod tests {
             } else {
                 replica_b.clone()
             };
-            tokio::spawn(async move { limiter.try_check("user:42", quota).await })
+            tokio::spawn(async move { limiter.try_check(&one("user:42", quota)).await })
         });
         let mut allowed = 0;
         for check in checks {
@@ -706,7 +1073,7 @@ mod tests {
             allowed += usize::from(decision.allowed);
         }
         assert_eq!(allowed, 10);
-        clean_up(&replica_a.redis).await;
+        clean_up(&redis).await;
     }
 
     #[tokio::test]
@@ -714,59 +1081,68 @@ mod tests {
         let prefix = unique_prefix();
         let redis = connect(&redis_url(), &prefix).await;
         let fallback = FallbackLimiter::with_timeouts(
-            RedisLimiter::new(redis.clone()),
+            RedisLimiter::new(&redis),
             Duration::from_secs(1),
             PRIMARY_RETRY_INTERVAL,
         );
         let quota = Quota::new(1, 2);
-        assert!(fallback.check("k", quota).await.allowed);
+        assert!(fallback.check(&one("k", quota)).await.allowed);
         // A second replica sees the spend.
         let other = limiter(Some(&redis));
-        assert!(other.check("k", quota).await.allowed);
-        assert!(!fallback.check("k", quota).await.allowed);
+        assert!(other.check(&one("k", quota)).await.allowed);
+        assert!(!fallback.check(&one("k", quota)).await.allowed);
         assert_eq!(fallback.degraded_checks(), 0);
         clean_up(&redis).await;
     }
 
-    /// A TCP proxy to Redis that can be told to swallow traffic: connections
-    /// stay open and nothing answers, the worst way Redis can fail.
-    struct BlackholeProxy {
+    const FORWARD: u8 = 0;
+    const BLACKHOLE: u8 = 1;
+    const SEVER: u8 = 2;
+
+    /// A TCP proxy to Redis that can be told to fail it: to swallow traffic
+    /// (connections stay open and nothing answers, the worst way Redis can
+    /// fail), or to sever it (connections close, new ones are refused).
+    struct FaultyProxy {
         address: std::net::SocketAddr,
-        forwarding: Arc<AtomicBool>,
+        state: Arc<AtomicU8>,
     }
 
-    impl BlackholeProxy {
+    impl FaultyProxy {
         async fn start(upstream: String) -> Self {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let address = listener.local_addr().expect("address");
-            let forwarding = Arc::new(AtomicBool::new(true));
-            let flag = forwarding.clone();
+            let state = Arc::new(AtomicU8::new(FORWARD));
+            let shared = state.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    if shared.load(Ordering::SeqCst) == SEVER {
+                        continue;
+                    }
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         continue;
                     };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
-                    tokio::spawn(pump(client_read, server_write, flag.clone()));
-                    tokio::spawn(pump(server_read, client_write, flag.clone()));
+                    tokio::spawn(pump(client_read, server_write, shared.clone()));
+                    tokio::spawn(pump(server_read, client_write, shared.clone()));
                 }
             });
-            Self {
-                address,
-                forwarding,
-            }
+            Self { address, state }
         }
 
         fn blackhole(&self) {
-            self.forwarding.store(false, Ordering::SeqCst);
+            self.state.store(BLACKHOLE, Ordering::SeqCst);
+        }
+
+        fn sever(&self) {
+            self.state.store(SEVER, Ordering::SeqCst);
         }
     }
 
     async fn pump(
         mut from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
-        forwarding: Arc<AtomicBool>,
+        state: Arc<AtomicU8>,
     ) {
         let mut buffer = vec![0u8; 16 * 1024];
         loop {
@@ -774,8 +1150,11 @@ mod tests {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if forwarding.load(Ordering::SeqCst) && to.write_all(&buffer[..n]).await.is_err() {
-                return;
+            match state.load(Ordering::SeqCst) {
+                FORWARD if to.write_all(&buffer[..n]).await.is_ok() => {}
+                BLACKHOLE => {}
+                // Dropping both halves closes the connection both ways.
+                _ => return,
             }
         }
     }
@@ -803,14 +1182,14 @@ mod tests {
         let url = redis_url();
         let direct = connect(&url, &prefix).await;
         let (_, upstream) = through(&url, "127.0.0.1:1".parse().expect("address"));
-        let proxy = BlackholeProxy::start(upstream).await;
+        let proxy = FaultyProxy::start(upstream).await;
         let (proxied_url, _) = through(&url, proxy.address);
         let redis = connect(&proxied_url, &prefix).await;
-        let limiter = FallbackLimiter::new(RedisLimiter::new(redis));
+        let limiter = FallbackLimiter::new(RedisLimiter::new(&redis));
         let quota = Quota::new(1, 2);
 
         // Healthy: Redis decides (the bucket is visible in Redis).
-        assert!(limiter.check("ip:9", quota).await.allowed);
+        assert!(limiter.check(&one("ip:9", quota)).await.allowed);
         assert_eq!(limiter.degraded_checks(), 0);
         let exists: bool = redis::cmd("EXISTS")
             .arg(direct.key("gateway:rl:ip:9"))
@@ -822,7 +1201,7 @@ mod tests {
         // Hung: each answer within the bound, from fresh local buckets.
         proxy.blackhole();
         let started = Instant::now();
-        let first = limiter.check("ip:9", quota).await;
+        let first = limiter.check(&one("ip:9", quota)).await;
         assert!(
             started.elapsed() < Duration::from_millis(500),
             "{:?}",
@@ -830,8 +1209,8 @@ mod tests {
         );
         assert!(first.allowed);
         assert_eq!(first.remaining, 1, "a fresh local bucket");
-        assert!(limiter.check("ip:9", quota).await.allowed);
-        assert!(!limiter.check("ip:9", quota).await.allowed);
+        assert!(limiter.check(&one("ip:9", quota)).await.allowed);
+        assert!(!limiter.check(&one("ip:9", quota)).await.allowed);
         assert_eq!(limiter.degraded_checks(), 3);
         assert!(started.elapsed() < Duration::from_millis(500));
         clean_up(&direct).await;
@@ -845,10 +1224,10 @@ mod tests {
 
     #[async_trait]
     impl SharedLimiter for Flaky {
-        async fn try_check(&self, _key: &str, quota: Quota) -> Result<Decision, RateLimitError> {
+        async fn try_check(&self, checks: &Checks) -> Result<Decision, RateLimitError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.up.load(Ordering::SeqCst) {
-                Ok(Decision::unknown(quota))
+                Ok(allowed(checks.first.quota, 0))
             } else {
                 Err(RateLimitError::Redis(redis::RedisError::from((
                     redis::ErrorKind::Io,
@@ -869,9 +1248,9 @@ mod tests {
             Duration::from_millis(100),
         );
         let quota = Quota::new(1, 1);
-        assert!(limiter.check("k", quota).await.allowed);
+        assert!(limiter.check(&one("k", quota)).await.allowed);
         assert!(
-            !limiter.check("k", quota).await.allowed,
+            !limiter.check(&one("k", quota)).await.allowed,
             "local bucket spent"
         );
         assert_eq!(limiter.degraded_checks(), 2);
@@ -880,8 +1259,345 @@ mod tests {
 
         limiter.primary.up.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(120)).await;
-        assert!(limiter.check("k", quota).await.allowed, "primary again");
+        assert!(
+            limiter.check(&one("k", quota)).await.allowed,
+            "primary again"
+        );
         assert_eq!(limiter.degraded_checks(), 2);
         assert_eq!(limiter.primary.calls.load(Ordering::SeqCst), 2);
+    }
+
+    // -- check groups ------------------------------------------------------
+
+    #[test]
+    fn a_request_spends_ip_then_user_then_route() {
+        let ip: IpAddr = "203.0.113.7".parse().expect("address");
+        let (q1, q2, q3) = (Quota::new(1, 1), Quota::new(2, 2), Quota::new(3, 3));
+        let keys = |checks: &Checks| {
+            checks
+                .iter()
+                .map(|check| (check.key.clone(), check.quota))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(&Checks::for_request(ip, q1, None, None)),
+            [("ip:203.0.113.7".to_owned(), q1)]
+        );
+        assert_eq!(
+            keys(&Checks::for_request(ip, q1, None, Some(("svc/Rpc", q3)))),
+            [
+                ("ip:203.0.113.7".to_owned(), q1),
+                ("route:svc/Rpc:ip:203.0.113.7".to_owned(), q3)
+            ]
+        );
+        assert_eq!(
+            keys(&Checks::for_request(
+                ip,
+                q1,
+                Some(("u1", q2)),
+                Some(("svc/Rpc", q3))
+            )),
+            [
+                ("ip:203.0.113.7".to_owned(), q1),
+                ("user:u1".to_owned(), q2),
+                ("route:svc/Rpc:user:u1".to_owned(), q3)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_tightest_decision_is_the_refusal_or_the_fewest_remaining() {
+        let quota = Quota::new(1, 10);
+        let with_remaining = |remaining: u64| allowed(quota, (10 - remaining) * SECOND);
+        let refusal = Decision::denied(quota, 10 * SECOND, SECOND);
+
+        let answer = tightest(with_remaining(5), [with_remaining(2), with_remaining(7)]);
+        assert_eq!(answer.remaining, 2);
+
+        // Nothing after the first refusal is taken: `more` is not pulled.
+        let mut taken = 0;
+        let more = [with_remaining(9), refusal.clone(), with_remaining(0)]
+            .into_iter()
+            .inspect(|_| taken += 1);
+        assert_eq!(tightest(with_remaining(3), more), refusal);
+        assert_eq!(taken, 2);
+        let never = std::iter::from_fn(|| -> Option<Decision> { panic!("pulled") });
+        assert_eq!(tightest(refusal.clone(), never), refusal);
+    }
+
+    /// Three buckets where only the middle one runs out, spent `requests`
+    /// times at once; `refills` bounds what the 1/s rate may add while the
+    /// requests ran.
+    async fn race_on_one_user(limiter: Arc<dyn RateLimiter>, requests: u32, burst: u32) {
+        let roomy = Quota::new(1, 2 * requests);
+        let tight = Quota::new(1, burst);
+        let group = one("ip:race", roomy)
+            .then("user:race".to_owned(), tight)
+            .then("route:race".to_owned(), roomy);
+        let started = Instant::now();
+        let checks: Vec<_> = (0..requests)
+            .map(|_| {
+                let limiter = limiter.clone();
+                let group = group.clone();
+                tokio::spawn(async move { limiter.check(&group).await })
+            })
+            .collect();
+        let mut admitted = 0;
+        for check in checks {
+            let decision = check.await.expect("task");
+            if decision.allowed {
+                admitted += 1;
+            } else {
+                assert_eq!(decision.limit, burst, "the user's bucket refuses");
+            }
+        }
+        let ip_left = limiter.check(&one("ip:race", roomy)).await.remaining;
+        let route_left = limiter.check(&one("route:race", roomy)).await.remaining;
+        let refills = u32::try_from(started.elapsed().as_secs()).expect("seconds");
+        let within = |actual: u32, expected: u32| (expected..=expected + refills).contains(&actual);
+        assert!(within(admitted, burst), "{admitted} of {requests} admitted");
+        // Every request spent from the IP's bucket, only the admitted ones
+        // (and each probe) from the route's.
+        assert!(within(ip_left, requests - 1), "{ip_left} left for the IP");
+        assert!(
+            within(route_left, 2 * requests - admitted - 1),
+            "{route_left} left on the route"
+        );
+    }
+
+    /// A user with one request left: the IP's bucket is spent by both
+    /// requests, the route's only by the one the user's admitted.
+    async fn later_refusal_stops_the_group(limiter: &dyn RateLimiter) {
+        let (ip, user, route) = (Quota::new(1, 100), Quota::new(1, 1), Quota::new(1, 5));
+        let group = one("ip:mixed", ip)
+            .then("user:mixed".to_owned(), user)
+            .then("route:mixed".to_owned(), route);
+        let first = limiter.check(&group).await;
+        assert!(first.allowed);
+        assert_eq!(
+            (first.limit, first.remaining),
+            (1, 0),
+            "the user's is tightest"
+        );
+        let second = limiter.check(&group).await;
+        assert!(!second.allowed);
+        assert_eq!(second.limit, 1);
+        assert!(second.retry_after.is_some());
+        assert_eq!(limiter.check(&one("ip:mixed", ip)).await.remaining, 97);
+        assert_eq!(limiter.check(&one("route:mixed", route)).await.remaining, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_races_admit_exactly_the_burst() {
+        race_on_one_user(Arc::new(LocalLimiter::default()), 4_000, 1_000).await;
+    }
+
+    #[tokio::test]
+    async fn local_later_refusal_stops_the_group() {
+        later_refusal_stops_the_group(&LocalLimiter::default()).await;
+    }
+
+    #[test]
+    fn local_buckets_stay_bounded() {
+        let limiter = LocalLimiter::new(0);
+        let cap = SHARDS * limiter.shard_capacity;
+        let slow = Quota::new(1, 10);
+        for n in 0..20 * cap {
+            assert!(limiter.check_now(&one(&format!("ip:{n}"), slow)).allowed);
+        }
+        assert!(limiter.buckets() <= cap, "{} > {cap}", limiter.buckets());
+    }
+
+    #[test]
+    fn full_shards_drop_full_buckets_then_the_nearest_to_full() {
+        let quota = Quota::new(1, 10);
+        let capacity = 8;
+        let mut shard = Shard::default();
+        // Bucket n spent at n µs: TAT 1 s + n µs.
+        for hash in 0..8 {
+            shard.spend(hash, hash, quota, capacity);
+        }
+        shard.spend(8, 8, quota, capacity);
+        assert_eq!(shard.tats.len(), 8, "the earliest one forgotten");
+        assert!(shard.tats.find(0, |&(stored, _)| stored == 0).is_none());
+        assert!(shard.tats.find(1, |&(stored, _)| stored == 1).is_some());
+
+        // Once they are all full again, they all go.
+        shard.spend(100, 3 * SECOND, quota, capacity);
+        shard.spend(101, 3 * SECOND, quota, capacity);
+        assert_eq!(shard.tats.len(), 2);
+        assert_eq!(shard.spend(100, 3 * SECOND, quota, capacity).remaining, 8);
+    }
+
+    // -- Redis, batched ----------------------------------------------------
+
+    /// EVALSHA calls Redis has served since it started.
+    async fn evalsha_calls(redis: &RedisHandle) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut redis.connection())
+            .await
+            .expect("INFO");
+        info.lines()
+            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Redis through the fallback, with a bound no healthy call misses.
+    fn patient(redis: &RedisHandle) -> FallbackLimiter {
+        FallbackLimiter::with_timeouts(
+            RedisLimiter::new(redis),
+            Duration::from_secs(10),
+            PRIMARY_RETRY_INTERVAL,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_races_admit_exactly_the_burst_in_few_calls() {
+        let prefix = unique_prefix();
+        let redis = connect(&redis_url(), &prefix).await;
+        let limiter = Arc::new(patient(&redis));
+        let requests = 4_000;
+        let calls_before = evalsha_calls(&redis).await;
+        race_on_one_user(limiter.clone(), requests, 1_000).await;
+        let calls = evalsha_calls(&redis).await - calls_before;
+        assert_eq!(limiter.degraded_checks(), 0);
+        // Other tests' calls may be counted too; unbatched, this alone would
+        // be 4,002.
+        assert!(
+            calls > 0 && calls < u64::from(requests) / 4,
+            "{calls} calls for {requests} requests"
+        );
+        clean_up(&redis).await;
+    }
+
+    #[tokio::test]
+    async fn redis_later_refusal_stops_the_group() {
+        let prefix = unique_prefix();
+        let redis = connect(&redis_url(), &prefix).await;
+        let limiter = patient(&redis);
+        later_refusal_stops_the_group(&limiter).await;
+        assert_eq!(limiter.degraded_checks(), 0);
+        clean_up(&redis).await;
+    }
+
+    /// A leader whose caller gives up mid-call (the fallback's timeout)
+    /// passes the lead on: the request queued behind it is still sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_gives_up_hands_over() {
+        let prefix = unique_prefix();
+        let redis = connect(&redis_url(), &prefix).await;
+        let limiter = Arc::new(RedisLimiter::new(&redis));
+        let checks = one("k", Quota::new(1, 100));
+        for _ in 0..3 {
+            // Loopback Redis may answer within the first poll; until it
+            // does not, the leader's call is in flight.
+            let mut leader = Box::pin(limiter.try_check(&checks));
+            for _ in 0..100 {
+                if futures::poll!(leader.as_mut()).is_pending() {
+                    break;
+                }
+                leader = Box::pin(limiter.try_check(&checks));
+            }
+            let follower = {
+                let limiter = limiter.clone();
+                let checks = checks.clone();
+                tokio::spawn(async move { limiter.try_check(&checks).await })
+            };
+            let queued = Instant::now();
+            while limiter.batches.queue().waiting.is_empty() {
+                assert!(queued.elapsed() < Duration::from_secs(5), "never queued");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drop(leader);
+            let decision = tokio::time::timeout(Duration::from_secs(5), follower)
+                .await
+                .expect("the follower was sent")
+                .expect("task")
+                .expect("Redis answers");
+            assert!(decision.allowed);
+        }
+        assert!(
+            !limiter.batches.queue().led,
+            "nobody leads when all is done"
+        );
+        clean_up(&redis).await;
+    }
+
+    #[test]
+    fn malformed_answers_are_errors() {
+        let quota = Quota::new(1, 3);
+        let two = one("a", quota).then("b".to_owned(), quota);
+        assert!(decode(&two, &[1, 100, 0, 0, 200, 300]).is_ok());
+        assert!(decode(&two, &[0, 200, 300]).is_ok(), "stopped at a refusal");
+        for group in [
+            &[][..],
+            &[1, 100],
+            &[1, 100, 0],
+            &[1, 100, 0, 1, 100, 0, 1, 100, 0],
+            &[2, 100, 0, 1, 100, 0],
+            &[1, -5, 0, 1, 100, 0],
+        ] {
+            assert!(decode(&two, group).is_err(), "{group:?}");
+        }
+    }
+
+    /// `requests` checks at once on one key (burst 100) through a limiter
+    /// whose Redis fails in the way `cut` does after the first wave: the
+    /// first wave is answered by Redis, every check of the second by fresh
+    /// local buckets, within the bound.
+    async fn redis_going_away_mid_run(cut: impl FnOnce(&FaultyProxy)) {
+        let prefix = unique_prefix();
+        let url = redis_url();
+        let direct = connect(&url, &prefix).await;
+        let (_, upstream) = through(&url, "127.0.0.1:1".parse().expect("address"));
+        let proxy = FaultyProxy::start(upstream).await;
+        let (proxied_url, _) = through(&url, proxy.address);
+        let limiter = Arc::new(FallbackLimiter::with_timeouts(
+            RedisLimiter::new(&connect(&proxied_url, &prefix).await),
+            Duration::from_millis(500),
+            PRIMARY_RETRY_INTERVAL,
+        ));
+        let quota = Quota::new(1, 100);
+        let wave = || {
+            let checks: Vec<_> = (0..1_000)
+                .map(|_| {
+                    let limiter = limiter.clone();
+                    tokio::spawn(async move { limiter.check(&one("ip:wave", quota)).await })
+                })
+                .collect();
+            async move {
+                let mut admitted = 0;
+                for check in checks {
+                    admitted += usize::from(check.await.expect("task").allowed);
+                }
+                admitted
+            }
+        };
+        assert_eq!(wave().await, 100);
+        assert_eq!(limiter.degraded_checks(), 0);
+
+        cut(&proxy);
+        let started = Instant::now();
+        assert_eq!(wave().await, 100, "a fresh local bucket, spent exactly");
+        assert_eq!(limiter.degraded_checks(), 1_000);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        clean_up(&direct).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn severed_redis_mid_run_falls_back() {
+        redis_going_away_mid_run(FaultyProxy::sever).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hung_redis_mid_run_falls_back() {
+        redis_going_away_mid_run(FaultyProxy::blackhole).await;
     }
 }
