@@ -1176,15 +1176,22 @@ mod tests {
         (format!("{scheme}://{userinfo}{address}{path}"), upstream)
     }
 
-    #[tokio::test]
-    async fn hung_redis_falls_back_to_local_buckets() {
+    /// Redis reached directly, and through a [`FaultyProxy`] (the handle
+    /// that goes through it), under one fresh key prefix.
+    async fn redis_behind_proxy() -> (RedisHandle, FaultyProxy, RedisHandle) {
         let prefix = unique_prefix();
         let url = redis_url();
         let direct = connect(&url, &prefix).await;
         let (_, upstream) = through(&url, "127.0.0.1:1".parse().expect("address"));
         let proxy = FaultyProxy::start(upstream).await;
         let (proxied_url, _) = through(&url, proxy.address);
-        let redis = connect(&proxied_url, &prefix).await;
+        let proxied = connect(&proxied_url, &prefix).await;
+        (direct, proxy, proxied)
+    }
+
+    #[tokio::test]
+    async fn hung_redis_falls_back_to_local_buckets() {
+        let (direct, proxy, redis) = redis_behind_proxy().await;
         let limiter = FallbackLimiter::new(RedisLimiter::new(&redis));
         let quota = Quota::new(1, 2);
 
@@ -1549,14 +1556,9 @@ mod tests {
     /// first wave is answered by Redis, every check of the second by fresh
     /// local buckets, within the bound.
     async fn redis_going_away_mid_run(cut: impl FnOnce(&FaultyProxy)) {
-        let prefix = unique_prefix();
-        let url = redis_url();
-        let direct = connect(&url, &prefix).await;
-        let (_, upstream) = through(&url, "127.0.0.1:1".parse().expect("address"));
-        let proxy = FaultyProxy::start(upstream).await;
-        let (proxied_url, _) = through(&url, proxy.address);
+        let (direct, proxy, proxied) = redis_behind_proxy().await;
         let limiter = Arc::new(FallbackLimiter::with_timeouts(
-            RedisLimiter::new(&connect(&proxied_url, &prefix).await),
+            RedisLimiter::new(&proxied),
             Duration::from_millis(500),
             PRIMARY_RETRY_INTERVAL,
         ));

@@ -868,21 +868,25 @@ fn string_to_value(kind: &Kind, raw: &str, path: &str) -> Result<Value, Transcod
     }
 }
 
+/// The wrapper well-known types (`google.protobuf.Int64Value` and kin),
+/// whose JSON form is their `value`.
+pub(crate) const WRAPPER_TYPES: [&str; 9] = [
+    "google.protobuf.DoubleValue",
+    "google.protobuf.FloatValue",
+    "google.protobuf.Int64Value",
+    "google.protobuf.UInt64Value",
+    "google.protobuf.Int32Value",
+    "google.protobuf.UInt32Value",
+    "google.protobuf.BoolValue",
+    "google.protobuf.StringValue",
+    "google.protobuf.BytesValue",
+];
+
 fn wrapper_inner(desc: &MessageDescriptor) -> Option<FieldDescriptor> {
-    matches!(
-        desc.full_name(),
-        "google.protobuf.DoubleValue"
-            | "google.protobuf.FloatValue"
-            | "google.protobuf.Int64Value"
-            | "google.protobuf.UInt64Value"
-            | "google.protobuf.Int32Value"
-            | "google.protobuf.UInt32Value"
-            | "google.protobuf.BoolValue"
-            | "google.protobuf.StringValue"
-            | "google.protobuf.BytesValue"
-    )
-    .then(|| desc.get_field_by_name("value"))
-    .flatten()
+    WRAPPER_TYPES
+        .contains(&desc.full_name())
+        .then(|| desc.get_field_by_name("value"))
+        .flatten()
 }
 
 fn enum_from_str(

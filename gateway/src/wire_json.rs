@@ -23,7 +23,7 @@ use prost::encoding::decode_varint;
 use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, Value};
 use serde::Serializer as _;
 
-use crate::transcode::TranscodeError;
+use crate::transcode::{TranscodeError, WRAPPER_TYPES};
 
 /// Nesting deeper than this is refused, as prost's decoder refuses it.
 const MAX_DEPTH: usize = 100;
@@ -282,25 +282,17 @@ impl Plan {
 
 /// Well-known types whose JSON form is not an object of their fields.
 fn is_json_special(full_name: &str) -> bool {
-    matches!(
-        full_name,
-        "google.protobuf.Any"
-            | "google.protobuf.Duration"
-            | "google.protobuf.Struct"
-            | "google.protobuf.Value"
-            | "google.protobuf.ListValue"
-            | "google.protobuf.FieldMask"
-            | "google.protobuf.Empty"
-            | "google.protobuf.DoubleValue"
-            | "google.protobuf.FloatValue"
-            | "google.protobuf.Int64Value"
-            | "google.protobuf.UInt64Value"
-            | "google.protobuf.Int32Value"
-            | "google.protobuf.UInt32Value"
-            | "google.protobuf.BoolValue"
-            | "google.protobuf.StringValue"
-            | "google.protobuf.BytesValue"
-    )
+    WRAPPER_TYPES.contains(&full_name)
+        || matches!(
+            full_name,
+            "google.protobuf.Any"
+                | "google.protobuf.Duration"
+                | "google.protobuf.Struct"
+                | "google.protobuf.Value"
+                | "google.protobuf.ListValue"
+                | "google.protobuf.FieldMask"
+                | "google.protobuf.Empty"
+        )
 }
 
 // Writing JSON to a `Vec` cannot fail: the results of serde_json's
@@ -389,19 +381,18 @@ fn next_field<'a>(rest: &mut &'a [u8], order: u32) -> Result<(u32, Occurrence<'a
         return Err(invalid("field number 0"));
     }
     let wire = (key & 7) as u8;
+    let value = take_value(rest, wire)?;
+    Ok((number, Occurrence { wire, value, order }))
+}
+
+/// The value of wire type `wire` at the front of `rest`: a varint's bytes,
+/// 4 or 8 fixed bytes, or a length-delimited payload.
+fn take_value<'a>(rest: &mut &'a [u8], wire: u8) -> Result<&'a [u8], Stop> {
     let len = match wire {
         VARINT => {
             let start = *rest;
             varint(rest)?;
-            let used = start.len() - rest.len();
-            return Ok((
-                number,
-                Occurrence {
-                    wire,
-                    value: &start[..used],
-                    order,
-                },
-            ));
+            return Ok(&start[..start.len() - rest.len()]);
         }
         FIXED64 => 8,
         FIXED32 => 4,
@@ -414,7 +405,7 @@ fn next_field<'a>(rest: &mut &'a [u8], order: u32) -> Result<(u32, Occurrence<'a
     }
     let (value, tail) = rest.split_at(len);
     *rest = tail;
-    Ok((number, Occurrence { wire, value, order }))
+    Ok(value)
 }
 
 fn varint(rest: &mut &[u8]) -> Result<u64, Stop> {
@@ -534,22 +525,7 @@ impl Plans {
             if occurrence.wire == LEN && field.kind.packable() {
                 let mut packed = occurrence.value;
                 while !packed.is_empty() {
-                    let value = match field.kind.wire() {
-                        VARINT => {
-                            let start = packed;
-                            varint(&mut packed)?;
-                            &start[..start.len() - packed.len()]
-                        }
-                        wire => {
-                            let size = if wire == FIXED64 { 8 } else { 4 };
-                            if packed.len() < size {
-                                return Err(invalid("truncated packed field"));
-                            }
-                            let (value, tail) = packed.split_at(size);
-                            packed = tail;
-                            value
-                        }
-                    };
+                    let value = take_value(&mut packed, field.kind.wire())?;
                     push_separator(out, &mut first);
                     self.write_scalar(out, &field.kind, value, depth)?;
                 }
