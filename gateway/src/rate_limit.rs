@@ -34,14 +34,18 @@
 //!   The script runs the groups in order, atomically, so each gets exactly
 //!   what sequential checks would give it; what batching saves is the
 //!   per-call cost on both ends (syscalls, task wake-ups, Redis's command
-//!   dispatch), which was most of a Redis-backed check's CPU. At low load a
-//!   batch holds one request and the latency is one round trip, as before.
+//!   dispatch), which was most of a Redis-backed check's CPU. A bucket that
+//!   several requests of a batch spend from (a route's own, or one address's
+//!   behind a NAT) goes in once and is read and written once: Redis's CPU
+//!   per check is then mostly the script's loop (~2 µs against ~8 µs when
+//!   every check reads and writes its key). At low load a batch holds one
+//!   request and the latency is one round trip, as before.
 //! * [`FallbackLimiter`] — Redis first, bounded to ~50 ms; on an error or a
 //!   timeout, the local limiter answers (per-replica budgets beat failing
 //!   every request, or admitting all of them).
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     hash::{BuildHasher, RandomState},
     net::IpAddr,
     sync::{
@@ -429,49 +433,70 @@ pub trait SharedLimiter: Send + Sync {
     async fn try_check(&self, checks: &Checks) -> Result<Decision, RateLimitError>;
 }
 
-/// GCRA over a batch of check groups in one round trip. `KEYS` holds every
-/// group's buckets, group after group; `ARGV` holds per group its number of
-/// checks, then per check its emission interval (µs) and burst. One `TIME`
-/// read is the clock of the whole batch. Each group's checks are spent in
-/// order up to the first refusal; each TAT is stored in µs of Redis `TIME`,
-/// expiring when its bucket is full again. Returns per group
-/// `{allowed, reset_after_us, retry_after_us}` for each check taken, flat.
+/// GCRA over a batch of check groups in one round trip. `KEYS` holds the
+/// batch's distinct buckets once each; `ARGV` holds per bucket its emission
+/// interval (µs) and burst, then per group its number of checks and each
+/// check's bucket (1-based index into `KEYS`). One `TIME` read is the clock
+/// of the whole batch. Each group's checks are spent in order up to the
+/// first refusal. A bucket is read once and written once per batch, however
+/// many checks spend from it (a route's bucket, or many callers behind one
+/// address, is hot); its TAT is kept in µs of Redis `TIME`, expiring when
+/// the bucket is full again. Returns `{status, reset_after_us,
+/// retry_after_us}` per check, flat, in order: status 1 allowed, 0 refused,
+/// 2 not taken (after a refusal in its group).
 const GCRA_BATCH_SCRIPT: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local groups = {}
-local key = 0
-local arg = 1
-while arg <= #ARGV do
+local interval, burst = {}, {}
+for b = 1, #KEYS do
+  interval[b] = tonumber(ARGV[2 * b - 1])
+  burst[b] = tonumber(ARGV[2 * b])
+end
+local tats, spent = {}, {}
+local out, n = {}, 0
+local arg, args = 2 * #KEYS + 1, #ARGV
+while arg <= args do
   local checks = tonumber(ARGV[arg])
-  arg = arg + 1
-  local group = {}
   local refused = false
-  for _ = 1, checks do
-    key = key + 1
-    if not refused then
-      local interval = tonumber(ARGV[arg])
-      local burst = tonumber(ARGV[arg + 1])
-      local tat = tonumber(redis.call('GET', KEYS[key]) or now)
+  for c = arg + 1, arg + checks do
+    if refused then
+      out[n + 1], out[n + 2], out[n + 3] = 2, 0, 0
+    else
+      local b = tonumber(ARGV[c])
+      local name = KEYS[b]
+      local tat = tats[name]
+      if tat == nil then
+        tat = tonumber(redis.call('GET', name) or now)
+      end
       if tat < now then tat = now end
-      local new_tat = tat + interval
-      local allow_at = new_tat - burst * interval
-      local n = #group
+      local new_tat = tat + interval[b]
+      local allow_at = new_tat - burst[b] * interval[b]
       if now < allow_at then
-        group[n + 1], group[n + 2], group[n + 3] = 0, tat - now, allow_at - now
+        tats[name] = tat
+        out[n + 1], out[n + 2], out[n + 3] = 0, tat - now, allow_at - now
         refused = true
       else
-        redis.call('SET', KEYS[key], string.format('%d', new_tat),
-          'PX', math.ceil((new_tat - now) / 1000))
-        group[n + 1], group[n + 2], group[n + 3] = 1, new_tat - now, 0
+        if not spent[name] then
+          spent[name] = true
+          spent[#spent + 1] = name
+        end
+        tats[name] = new_tat
+        out[n + 1], out[n + 2], out[n + 3] = 1, new_tat - now, 0
       end
     end
-    arg = arg + 2
+    n = n + 3
   end
-  groups[#groups + 1] = group
+  arg = arg + 1 + checks
 end
-return groups
+for i = 1, #spent do
+  local tat = tats[spent[i]]
+  redis.call('SET', spent[i], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000))
+end
+return out
 ";
+
+/// The script's status for a check after a refusal in its group.
+const NOT_TAKEN: i64 = 2;
 
 /// The most requests one EVALSHA carries.
 pub const MAX_BATCH: usize = 128;
@@ -630,31 +655,19 @@ impl Batches {
             .into_iter()
             .filter(|follower| !follower.answer.is_closed())
             .collect();
-        let mut invocation = self.script.prepare_invoke();
-        for buckets in std::iter::once(own).chain(followers.iter().map(|f| &f.buckets[..])) {
-            invocation.arg(buckets.len());
-            for (key, quota) in buckets {
-                invocation
-                    .key(key)
-                    .arg(quota.interval_us())
-                    .arg(quota.burst());
-            }
-        }
-        let answer: Result<Vec<Vec<i64>>, _> =
-            invocation.invoke_async(&mut self.connection.clone()).await;
+        let groups: Vec<&[Bucket]> = std::iter::once(own)
+            .chain(followers.iter().map(|f| &f.buckets[..]))
+            .collect();
+        let answer = self.invoke(&groups).await;
         let mut groups: Vec<Result<Vec<i64>, RateLimitError>> = match answer {
-            Ok(groups) if groups.len() == 1 + followers.len() => {
-                groups.into_iter().map(Ok).collect()
+            Ok(flat) => {
+                let mut flat = flat.into_iter();
+                groups
+                    .iter()
+                    .map(|group| Ok(flat.by_ref().take(3 * group.len()).collect()))
+                    .collect()
             }
-            Ok(groups) => {
-                let error = RateLimitError::Reply(format!(
-                    "{} groups for {} requests",
-                    groups.len(),
-                    1 + followers.len()
-                ));
-                vec![Err(error); 1 + followers.len()]
-            }
-            Err(error) => vec![Err(error.into()); 1 + followers.len()],
+            Err(error) => vec![Err(error); groups.len()],
         };
         let others = groups.split_off(1);
         for (follower, group) in followers.into_iter().zip(others) {
@@ -665,20 +678,57 @@ impl Batches {
             .pop()
             .unwrap_or_else(|| Err(RateLimitError::Reply("no groups".to_owned())))
     }
+
+    /// One EVALSHA for `groups`: each distinct bucket goes once, in `KEYS`,
+    /// and checks name it by index. Answers three numbers per check.
+    async fn invoke(&self, groups: &[&[Bucket]]) -> Result<Vec<i64>, RateLimitError> {
+        let checks: usize = groups.iter().map(|group| group.len()).sum();
+        let mut index: HashMap<&Bucket, usize> = HashMap::with_capacity(checks);
+        let mut invocation = self.script.prepare_invoke();
+        for bucket in groups.iter().flat_map(|group| group.iter()) {
+            let next = index.len() + 1;
+            index.entry(bucket).or_insert_with(|| {
+                let (key, quota) = bucket;
+                invocation
+                    .key(key)
+                    .arg(quota.interval_us())
+                    .arg(quota.burst());
+                next
+            });
+        }
+        for group in groups {
+            invocation.arg(group.len());
+            for bucket in *group {
+                invocation.arg(index[bucket]);
+            }
+        }
+        let flat: Vec<i64> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        if flat.len() == 3 * checks {
+            Ok(flat)
+        } else {
+            Err(RateLimitError::Reply(format!(
+                "{} numbers for {checks} checks",
+                flat.len()
+            )))
+        }
+    }
 }
 
-/// A group's decision from its flat `{allowed, reset_after_us,
-/// retry_after_us}` triples, checked against what the script may answer.
+/// A group's decision from its `{status, reset_after_us, retry_after_us}`
+/// triples, one per check, checked against what the script may answer.
 fn decode(checks: &Checks, group: &[i64]) -> Result<Decision, RateLimitError> {
     let malformed = || RateLimitError::Reply(format!("{group:?}"));
     let (triples, rest) = group.as_chunks::<3>();
-    if !rest.is_empty() || triples.is_empty() || triples.len() > checks.len() {
+    if !rest.is_empty() || triples.len() != checks.len() {
         return Err(malformed());
     }
     let micros = |value: i64| u64::try_from(value).map_err(|_| malformed());
     let mut decisions = Vec::with_capacity(triples.len());
-    for (check, &[allowed_flag, reset_after_us, retry_after_us]) in checks.iter().zip(triples) {
-        decisions.push(match allowed_flag {
+    let mut taken = triples.iter();
+    for (check, &[status, reset_after_us, retry_after_us]) in checks.iter().zip(taken.by_ref()) {
+        let decision = match status {
             1 => allowed(check.quota, micros(reset_after_us)?),
             0 => Decision::denied(
                 check.quota,
@@ -686,10 +736,15 @@ fn decode(checks: &Checks, group: &[i64]) -> Result<Decision, RateLimitError> {
                 micros(retry_after_us)?,
             ),
             _ => return Err(malformed()),
-        });
+        };
+        let refused = !decision.allowed;
+        decisions.push(decision);
+        if refused {
+            break;
+        }
     }
-    // Fewer answers than checks only after a refusal.
-    if decisions.len() < checks.len() && decisions.last().is_none_or(|last| last.allowed) {
+    // Whatever follows a refusal was not taken.
+    if taken.any(|&[status, ..]| status != NOT_TAKEN) {
         return Err(malformed());
     }
     let mut decisions = decisions.into_iter();
@@ -1438,15 +1493,16 @@ mod tests {
 
     // -- Redis, batched ----------------------------------------------------
 
-    /// EVALSHA calls Redis has served since it started.
-    async fn evalsha_calls(redis: &RedisHandle) -> u64 {
+    /// Calls of `command` (as INFO names it) Redis has served since it
+    /// started, scripts' own calls included.
+    async fn command_calls(redis: &RedisHandle, command: &str) -> u64 {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
             .query_async(&mut redis.connection())
             .await
             .expect("INFO");
         info.lines()
-            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
             .and_then(|rest| rest.split(',').next())
             .and_then(|calls| calls.parse().ok())
             .unwrap_or(0)
@@ -1467,15 +1523,23 @@ mod tests {
         let redis = connect(&redis_url(), &prefix).await;
         let limiter = Arc::new(patient(&redis));
         let requests = 4_000;
-        let calls_before = evalsha_calls(&redis).await;
+        let calls_before = command_calls(&redis, "evalsha").await;
+        let writes_before = command_calls(&redis, "set").await;
         race_on_one_user(limiter.clone(), requests, 1_000).await;
-        let calls = evalsha_calls(&redis).await - calls_before;
+        let calls = command_calls(&redis, "evalsha").await - calls_before;
+        let writes = command_calls(&redis, "set").await - writes_before;
         assert_eq!(limiter.degraded_checks(), 0);
         // Other tests' calls may be counted too; unbatched, this alone would
         // be 4,002.
         assert!(
             calls > 0 && calls < u64::from(requests) / 4,
             "{calls} calls for {requests} requests"
+        );
+        // A batch writes each of the three buckets at most once (under
+        // 3,000 writes here); a write per spending check would be 6,000.
+        assert!(
+            writes < u64::from(requests),
+            "{writes} writes in {calls} calls"
         );
         clean_up(&redis).await;
     }
@@ -1538,13 +1602,17 @@ mod tests {
         let quota = Quota::new(1, 3);
         let two = one("a", quota).then("b".to_owned(), quota);
         assert!(decode(&two, &[1, 100, 0, 0, 200, 300]).is_ok());
-        assert!(decode(&two, &[0, 200, 300]).is_ok(), "stopped at a refusal");
+        let stopped = decode(&two, &[0, 200, 300, 2, 0, 0]).expect("stopped at a refusal");
+        assert!(!stopped.allowed);
         for group in [
             &[][..],
             &[1, 100],
             &[1, 100, 0],
+            &[0, 200, 300],
             &[1, 100, 0, 1, 100, 0, 1, 100, 0],
-            &[2, 100, 0, 1, 100, 0],
+            &[2, 0, 0, 1, 100, 0],
+            &[1, 100, 0, 2, 0, 0],
+            &[0, 200, 300, 1, 100, 0],
             &[1, -5, 0, 1, 100, 0],
         ] {
             assert!(decode(&two, group).is_err(), "{group:?}");

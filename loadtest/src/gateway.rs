@@ -53,13 +53,44 @@ pub async fn gateway(backends: &Backends, options: &GatewayOptions) -> anyhow::R
 /// One measured scenario: the run, and CPU ticks spent meanwhile by the
 /// `flashmesh up` process, the whole loadtest process and the edge in
 /// front of the services (the standalone gateway process, or the hop's
-/// threads).
+/// threads), and the CPU time Redis spent (when the stack uses one).
 struct Measured {
     target: &'static str,
     row: Row,
     server_ticks: u64,
     loadtest_ticks: u64,
     edge_ticks: u64,
+    redis_cpu: Option<Duration>,
+}
+
+/// Redis's own CPU time (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`):
+/// on this machine it competes with the stack for the same two cores, so a
+/// row that makes Redis work pays for it in throughput.
+struct RedisCpu(redis::aio::MultiplexedConnection);
+
+impl RedisCpu {
+    async fn connect(url: &str) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)?;
+        Ok(Self(client.get_multiplexed_async_connection().await?))
+    }
+
+    async fn used(&mut self) -> anyhow::Result<Duration> {
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(&mut self.0)
+            .await?;
+        let seconds = |field: &str| -> anyhow::Result<f64> {
+            info.lines()
+                .find_map(|line| line.strip_prefix(field))
+                .with_context(|| format!("{field} in INFO cpu"))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{field} in INFO cpu"))
+        };
+        Ok(Duration::from_secs_f64(
+            seconds("used_cpu_user:")? + seconds("used_cpu_sys:")?,
+        ))
+    }
 }
 
 /// The edge a row's HTTP calls go through.
@@ -119,6 +150,10 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
     )
     .await?;
 
+    let mut redis = match stack.redis_url() {
+        Some(url) => Some(RedisCpu::connect(url).await?),
+        None => None,
+    };
     let mut rows = Vec::new();
     let http = |url: String, bearer: Option<String>| http_callers(options.callers, url, bearer);
     let deal_path = format!("/v1/deals/{deal}");
@@ -132,19 +167,24 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
         .get_deal(GetDealRequest { id: deal.clone() })
         .await?;
     rows.push(
-        measure(pid, Edge::Gateway(edge_pid), "GetDeal", options, {
-            http(format!("http://{gateway}{deal_path}"), None)
-        })
-        .await,
+        measure(
+            pid,
+            &mut redis,
+            Edge::Gateway(edge_pid),
+            "GetDeal",
+            options,
+            http(format!("http://{gateway}{deal_path}"), None),
+        )
+        .await?,
     );
     rows.push(
-        measure(pid, Edge::InProcess, "GetDeal", options, {
+        measure(pid, &mut redis, Edge::InProcess, "GetDeal", options, {
             http(format!("http://{in_process}{deal_path}"), None)
         })
-        .await,
+        .await?,
     );
     rows.push(
-        measure(pid, Edge::Direct, "GetDeal", options, {
+        measure(pid, &mut redis, Edge::Direct, "GetDeal", options, {
             let (catalog, deal) = (Arc::new(catalog), Arc::new(deal.clone()));
             move |i: usize| {
                 let mut client = catalog[i % catalog.len()].clone();
@@ -155,34 +195,39 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
                 }
             }
         })
-        .await,
+        .await?,
     );
     rows.push(
-        measure(pid, Edge::BareHop, "GetDeal", options, {
+        measure(pid, &mut redis, Edge::BareHop, "GetDeal", options, {
             http(format!("http://{}{hop_deal_path}", hop.addr), None)
         })
-        .await,
+        .await?,
     );
 
     // GetMe with a signed-up user's token.
     let auth = Arc::new(stack.auth_clients(options.grpc_channels).await?);
     rows.push(
-        measure(pid, Edge::Gateway(edge_pid), "GetMe", options, {
-            http(format!("http://{gateway}/v1/me"), Some(bearer_str.clone()))
-        })
-        .await,
+        measure(
+            pid,
+            &mut redis,
+            Edge::Gateway(edge_pid),
+            "GetMe",
+            options,
+            http(format!("http://{gateway}/v1/me"), Some(bearer_str.clone())),
+        )
+        .await?,
     );
     rows.push(
-        measure(pid, Edge::InProcess, "GetMe", options, {
+        measure(pid, &mut redis, Edge::InProcess, "GetMe", options, {
             http(
                 format!("http://{in_process}/v1/me"),
                 Some(bearer_str.clone()),
             )
         })
-        .await,
+        .await?,
     );
     rows.push(
-        measure(pid, Edge::Direct, "GetMe", options, {
+        measure(pid, &mut redis, Edge::Direct, "GetMe", options, {
             let bearer: MetadataValue<Ascii> = bearer.clone();
             move |i: usize| {
                 let mut client = auth[i % auth.len()].clone();
@@ -196,13 +241,13 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
                 }
             }
         })
-        .await,
+        .await?,
     );
     rows.push(
-        measure(pid, Edge::BareHop, "GetMe", options, {
+        measure(pid, &mut redis, Edge::BareHop, "GetMe", options, {
             http(format!("http://{}/me", hop.addr), Some(bearer_str.clone()))
         })
-        .await,
+        .await?,
     );
     drop(hop);
     drop(edge);
@@ -268,15 +313,20 @@ async fn http_get(
 
 async fn measure<F, Fut>(
     pid: u32,
+    redis: &mut Option<RedisCpu>,
     edge: Edge,
     rpc: &str,
     options: &GatewayOptions,
     call: F,
-) -> Measured
+) -> anyhow::Result<Measured>
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = Result<Outcome, Status>> + Send + 'static,
 {
+    let redis_before = match redis.as_mut() {
+        Some(redis) => Some(redis.used().await?),
+        None => None,
+    };
     let (server, loadtest, edge_before) = (
         procfs::process_cpu_ticks(pid),
         procfs::process_cpu_ticks(std::process::id()),
@@ -291,13 +341,23 @@ where
         call,
     )
     .await;
-    Measured {
+    let (server_ticks, loadtest_ticks, edge_ticks) = (
+        procfs::process_cpu_ticks(pid).saturating_sub(server),
+        procfs::process_cpu_ticks(std::process::id()).saturating_sub(loadtest),
+        edge.ticks().saturating_sub(edge_before),
+    );
+    let redis_cpu = match (redis, redis_before) {
+        (Some(redis), Some(before)) => Some(redis.used().await?.saturating_sub(before)),
+        _ => None,
+    };
+    Ok(Measured {
         target,
         row,
-        server_ticks: procfs::process_cpu_ticks(pid).saturating_sub(server),
-        loadtest_ticks: procfs::process_cpu_ticks(std::process::id()).saturating_sub(loadtest),
-        edge_ticks: edge.ticks().saturating_sub(edge_before),
-    }
+        server_ticks,
+        loadtest_ticks,
+        edge_ticks,
+        redis_cpu,
+    })
 }
 
 struct SseMemory {
@@ -426,9 +486,9 @@ fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
         if options.no_redis { " --no-redis" } else { "" },
     );
     println!(
-        "| RPC | via | callers | requests/s | p50 ms | p99 ms | errors | edge CPU µs/req (gateway process or hop threads) | `flashmesh up` CPU µs/req | loadtest process CPU µs/req |"
+        "| RPC | via | callers | requests/s | p50 ms | p99 ms | errors | edge CPU µs/req (gateway process or hop threads) | `flashmesh up` CPU µs/req | loadtest process CPU µs/req | Redis CPU µs/req |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for m in rows {
         let row = &m.row;
         let per = |ticks: u64| ticks as f64 * tick_us / row.ok.max(1) as f64;
@@ -438,8 +498,12 @@ fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
         } else {
             "–".to_owned()
         };
+        let redis = m.redis_cpu.map_or_else(
+            || "–".to_owned(),
+            |cpu| format!("{:.1}", cpu.as_secs_f64() * 1e6 / row.ok.max(1) as f64),
+        );
         println!(
-            "| {rpc} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {edge} | {:.1} | {:.1} |",
+            "| {rpc} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {edge} | {:.1} | {:.1} | {redis} |",
             m.target,
             row.callers,
             row.ok_throughput(),

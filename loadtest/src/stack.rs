@@ -428,6 +428,11 @@ impl Stack {
             .with_context(|| format!("no {name} process in this stack"))
     }
 
+    /// The Redis the stack uses, if it uses one.
+    pub fn redis_url(&self) -> Option<&str> {
+        self.storage.redis.as_ref().map(|(url, _)| url.as_str())
+    }
+
     /// The pid of the process named `name`, while it runs.
     pub fn pid(&self, name: &str) -> anyhow::Result<u32> {
         self.process(name)?
