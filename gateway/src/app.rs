@@ -35,6 +35,7 @@ use flashmesh_platform::{
     },
 };
 use futures::{Stream, StreamExt};
+use opentelemetry::Context;
 use prost_reflect::{DynamicMessage, ReflectMessage, Value};
 use tokio::sync::Semaphore;
 
@@ -209,25 +210,25 @@ fn timeout(headers: &HeaderMap, config: &GatewayConfig) -> Duration {
 }
 
 /// Headers passed to the upstream as gRPC metadata.
-const FORWARDED: [header::HeaderName; 4] = [
-    header::AUTHORIZATION,
-    telemetry::X_REQUEST_ID,
-    telemetry::TRACEPARENT,
-    telemetry::TRACESTATE,
-];
+const FORWARDED: [header::HeaderName; 2] = [header::AUTHORIZATION, telemetry::X_REQUEST_ID];
+/// The caller's trace context, passed on as it came when the edge does not
+/// trace (with tracing on, the upstream call carries the edge's decision).
+const TRACE_CONTEXT: [header::HeaderName; 2] = [telemetry::TRACEPARENT, telemetry::TRACESTATE];
 
 fn upstream_request(
     message: DynamicMessage,
     headers: &HeaderMap,
 ) -> tonic::Request<DynamicMessage> {
-    let mut metadata = HeaderMap::with_capacity(FORWARDED.len());
-    for name in FORWARDED {
-        if let Some(value) = headers.get(&name) {
+    let mut metadata = HeaderMap::with_capacity(FORWARDED.len() + TRACE_CONTEXT.len());
+    let traced = Context::map_current(|cx| telemetry::inject_new(cx, &mut metadata));
+    let trace_context: &[header::HeaderName] = if traced { &[] } else { &TRACE_CONTEXT };
+    for name in FORWARDED.iter().chain(trace_context) {
+        if let Some(value) = headers.get(name) {
             let mut value = value.clone();
             // A bearer token is a secret: HPACK "never indexed" (RFC 7541
             // §7.1.3), so no hop's compression context keeps it.
             value.set_sensitive(name == header::AUTHORIZATION);
-            metadata.insert(name, value);
+            metadata.insert(name.clone(), value);
         }
     }
     tonic::Request::from_parts(

@@ -1,8 +1,7 @@
 //! Observation at the edge, as one tower layer around the router: the edge
 //! span (the trace's root unless the client sent a `traceparent`), the
-//! sampling decision for the whole request, `traceparent` rewritten to the
-//! edge span so the upstream call carries it (the router forwards it),
-//! request count and latency by route and status, requests in flight, and
+//! sampling decision for the whole request (the context the request runs
+//! in, whose `traceparent` the upstream call carries), request count and latency by route and status, requests in flight, and
 //! open event streams (SSE, NDJSON).
 
 use std::{
@@ -146,9 +145,8 @@ impl Shared {
             .map_or(&self.unmatched, |(_, edge)| edge)
     }
 
-    /// The edge span (or the unsampled decision), with `traceparent`
-    /// rewritten to it for the upstream call.
-    fn context(&self, edge: &Edge, request: &mut Request) -> Option<Context> {
+    /// The edge span (or the unsampled decision).
+    fn context(&self, edge: &Edge, request: &Request) -> Option<Context> {
         let request_id = request
             .headers()
             .get(telemetry::X_REQUEST_ID)
@@ -156,17 +154,13 @@ impl Shared {
             .map(RequestId);
         let cx = if self.telemetry.tracing() {
             let parent = telemetry::extract(request.headers());
-            let cx = self.telemetry.start(&parent, &edge.name, Kind::Server, || {
+            self.telemetry.start(&parent, &edge.name, Kind::Server, || {
                 vec![
                     Attribute::new("http.request.method", request.method().to_string()),
                     Attribute::new("http.route", edge.template.clone()),
                     Attribute::new("url.path", request.uri().path().to_owned()),
                 ]
-            });
-            if let Some(cx) = &cx {
-                telemetry::inject(cx, request.headers_mut());
-            }
-            cx
+            })
         } else {
             None
         };
@@ -192,7 +186,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
+    fn call(&mut self, request: Request) -> Self::Future {
         let shared = self.shared.clone();
         if shared.public_metrics
             && request.method() == Method::GET
@@ -209,7 +203,7 @@ where
         }
         let edge = shared.edge(request.method(), request.uri().path()).clone();
         edge.metrics.in_flight.inc();
-        let cx = shared.context(&edge, &mut request);
+        let cx = shared.context(&edge, &request);
         let call = match &cx {
             Some(cx) => {
                 let _entered = cx.clone().attach();

@@ -33,10 +33,7 @@ use opentelemetry::{
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
-    trace::{
-        BatchConfigBuilder, BatchSpanProcessor, Sampler, SamplingDecision, SdkTracer,
-        SdkTracerProvider, ShouldSample,
-    },
+    trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider},
 };
 
 use crate::{
@@ -187,7 +184,7 @@ struct Inner {
 struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
-    sampler: Sampler,
+    sampler: SamplerSetting,
 }
 
 impl Drop for Inner {
@@ -251,11 +248,10 @@ impl Telemetry {
                     .with_resource(resource)
                     .build();
                 let tracer = provider.tracer("flashmesh");
-                let sampler = config.sampler.sdk_sampler();
                 Some(Tracing {
                     provider,
                     tracer,
-                    sampler,
+                    sampler: config.sampler,
                 })
             }
         };
@@ -318,11 +314,7 @@ impl Telemetry {
         } else {
             random_trace_id()
         };
-        let decision = tracing
-            .sampler
-            .should_sample(Some(parent), trace_id, "", &kind, &[], &[])
-            .decision;
-        if decision == SamplingDecision::Drop {
+        if !tracing.sampler.samples(parent_context, trace_id) {
             // An unsampled caller's context already says "not sampled"
             // downstream; no span of ours will ever refer to a new id.
             if parent_context.is_valid() && !parent_context.is_sampled() {
@@ -364,14 +356,9 @@ impl Telemetry {
         let tracing = self.inner.tracing.as_ref()?;
         let sampled = match &cause {
             Some(cause) => cause.is_sampled(),
-            None => {
-                let root = Context::new();
-                tracing
-                    .sampler
-                    .should_sample(Some(&root), random_trace_id(), "", &kind, &[], &[])
-                    .decision
-                    != SamplingDecision::Drop
-            }
+            None => tracing
+                .sampler
+                .samples(&SpanContext::NONE, random_trace_id()),
         };
         if !sampled {
             return None;
@@ -392,19 +379,22 @@ impl Telemetry {
 }
 
 impl SamplerSetting {
-    fn sdk_sampler(self) -> Sampler {
-        let root = if self.ratio >= 1.0 {
-            Sampler::AlwaysOn
-        } else if self.ratio <= 0.0 {
-            Sampler::AlwaysOff
-        } else {
-            Sampler::TraceIdRatioBased(self.ratio)
-        };
-        if self.parent_based {
-            Sampler::ParentBased(Box::new(root))
-        } else {
-            root
+    /// Whether a span of trace `trace_id` under `parent` (invalid for a new
+    /// trace) is sampled: the SDK's `ParentBased` and `TraceIdRatioBased`
+    /// rules, worked out here because this runs for every call a service
+    /// receives and the SDK's sampler builds a whole result for it.
+    fn samples(self, parent: &SpanContext, trace_id: TraceId) -> bool {
+        if self.parent_based && parent.is_valid() {
+            return parent.is_sampled();
         }
+        if self.ratio >= 1.0 {
+            return true;
+        }
+        // The SDK's rule: the trace id's low 63 bits against the ratio, so
+        // every service deciding on the same trace agrees.
+        let bound = (self.ratio.max(0.0) * (1u64 << 63) as f64) as u64;
+        let low = u128::from_be_bytes(trace_id.to_bytes()) as u64;
+        (low >> 1) < bound
     }
 }
 
@@ -527,8 +517,7 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn extract(headers: &HeaderMap) -> Context {
     match headers
         .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_traceparent(v, headers.get(TRACESTATE)))
+        .and_then(|v| parse_traceparent_bytes(v.as_bytes(), headers.get(TRACESTATE)))
     {
         Some(remote) => Context::new().with_remote_span_context(remote),
         None => Context::new(),
@@ -538,23 +527,37 @@ pub fn extract(headers: &HeaderMap) -> Context {
 /// Writes `cx`'s span context as `traceparent` (and `tracestate`) into
 /// `headers`, replacing what was there; leaves them alone without a valid one.
 pub fn inject(cx: &Context, headers: &mut HeaderMap) {
+    if write_trace_headers(cx, headers) == Some(false) {
+        headers.remove(TRACESTATE);
+    }
+}
+
+/// [`inject`] into the headers of a new call, which hold no trace context
+/// yet (so nothing is removed); whether `cx` had a valid span context.
+pub fn inject_new(cx: &Context, headers: &mut HeaderMap) -> bool {
+    write_trace_headers(cx, headers).is_some()
+}
+
+/// Inserts `cx`'s `traceparent`, and its `tracestate` when not empty:
+/// `None` without a valid span context, else whether `tracestate` was set.
+fn write_trace_headers(cx: &Context, headers: &mut HeaderMap) -> Option<bool> {
     let span = cx.span();
     let context = span.span_context();
     if !context.is_valid() {
-        return;
+        return None;
     }
     if let Ok(value) = HeaderValue::from_bytes(&traceparent_bytes(context)) {
         headers.insert(TRACEPARENT, value);
     }
     let state = context.trace_state();
-    match (*state != TraceState::NONE).then(|| HeaderValue::from_str(&state.header())) {
-        Some(Ok(value)) if !value.is_empty() => {
-            headers.insert(TRACESTATE, value);
-        }
-        _ => {
-            headers.remove(TRACESTATE);
-        }
-    }
+    let state = (*state != TraceState::NONE)
+        .then(|| HeaderValue::from_str(&state.header()).ok())
+        .flatten()
+        .filter(|value| !value.is_empty());
+    Some(state.is_some_and(|value| {
+        headers.insert(TRACESTATE, value);
+        true
+    }))
 }
 
 /// `00-<trace id>-<span id>-<flags>`.
@@ -576,7 +579,13 @@ fn traceparent_bytes(context: &SpanContext) -> [u8; TRACEPARENT_LEN] {
 /// A W3C `traceparent` (version 00, or a later one read as 00), with its
 /// `tracestate`; `None` when malformed or all-zero.
 pub fn parse_traceparent(value: &str, state: Option<&HeaderValue>) -> Option<SpanContext> {
-    let value = value.trim().as_bytes();
+    parse_traceparent_bytes(value.as_bytes(), state)
+}
+
+/// [`parse_traceparent`] of a header's bytes, which need no UTF-8 check:
+/// anything but lowercase hex and dashes is refused anyway.
+fn parse_traceparent_bytes(value: &[u8], state: Option<&HeaderValue>) -> Option<SpanContext> {
+    let value = value.trim_ascii();
     let version = value.get(..2)?;
     // Version 00 is exactly 55 bytes; later versions may append `-…`.
     let well_formed = match value.len() {
@@ -612,23 +621,33 @@ pub fn parse_traceparent(value: &str, state: Option<&HeaderValue>) -> Option<Spa
 }
 
 /// `N` bytes from `2N` lowercase hex digits, as W3C Trace Context demands
-/// (the `hex` crate also takes uppercase), in one pass: this runs for every
-/// call a service receives.
+/// (the `hex` crate also takes uppercase), in one pass without branches:
+/// this runs for every call a service receives.
 fn lower_hex<const N: usize>(digits: &[u8]) -> Option<[u8; N]> {
-    let nibble = |digit: u8| match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        _ => None,
-    };
     if digits.len() != 2 * N {
         return None;
     }
     let mut out = [0; N];
+    let mut seen = 0;
     for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
-        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        let (high, low) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+        seen |= high | low;
+        *byte = (high << 4) | low;
     }
-    Some(out)
+    (seen < 16).then_some(out)
 }
+
+/// The value of each lowercase hex digit; 0xff for every other byte.
+const NIBBLE: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut digit = 0;
+    while digit < 16 {
+        let ascii = if digit < 10 { b'0' + digit } else { b'a' + digit - 10 };
+        table[ascii as usize] = digit;
+        digit += 1;
+    }
+    table
+};
 
 /// The current span context as `traceparent`, if there is a valid one.
 pub fn current_traceparent() -> Option<String> {
@@ -692,6 +711,73 @@ mod tests {
             "",
         ] {
             assert!(parse_traceparent(bad, None).is_none(), "{bad}");
+        }
+    }
+
+    /// [`SamplerSetting::samples`] decides as the SDK's samplers would.
+    #[test]
+    fn sampling_matches_the_sdk() {
+        use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+
+        let parents = [
+            SpanContext::NONE,
+            SpanContext::new(
+                random_trace_id(),
+                random_span_id(),
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::NONE,
+            ),
+            SpanContext::new(
+                random_trace_id(),
+                random_span_id(),
+                TraceFlags::default(),
+                true,
+                TraceState::NONE,
+            ),
+        ];
+        for parent_based in [false, true] {
+            for ratio in [0.0, 0.1, 0.5, 1.0] {
+                let setting = SamplerSetting {
+                    parent_based,
+                    ratio,
+                };
+                let root = if ratio >= 1.0 {
+                    Sampler::AlwaysOn
+                } else if ratio <= 0.0 {
+                    Sampler::AlwaysOff
+                } else {
+                    Sampler::TraceIdRatioBased(ratio)
+                };
+                let sdk = if parent_based {
+                    Sampler::ParentBased(Box::new(root))
+                } else {
+                    root
+                };
+                for parent in &parents {
+                    let cx = if parent.is_valid() {
+                        Context::new().with_remote_span_context(parent.clone())
+                    } else {
+                        Context::new()
+                    };
+                    for _ in 0..200 {
+                        let trace_id = if parent.is_valid() {
+                            parent.trace_id()
+                        } else {
+                            random_trace_id()
+                        };
+                        let expected = sdk
+                            .should_sample(Some(&cx), trace_id, "", &SpanKind::Server, &[], &[])
+                            .decision
+                            == SamplingDecision::RecordAndSample;
+                        assert_eq!(
+                            setting.samples(parent, trace_id),
+                            expected,
+                            "{setting:?} {parent:?} {trace_id}"
+                        );
+                    }
+                }
+            }
         }
     }
 
