@@ -60,7 +60,8 @@ struct Shared {
 struct Edge {
     /// `METHOD /template`: the span name and the `route` label.
     name: String,
-    template: String,
+    /// Shared with every span's `http.route` rather than copied into each.
+    template: Arc<str>,
     metrics: RouteMetrics,
 }
 
@@ -82,7 +83,7 @@ impl EdgeObserveLayer {
             Arc::new(Edge {
                 metrics: families.route(&name),
                 name,
-                template: template.to_owned(),
+                template: template.into(),
             })
         };
         let routes = gateway
@@ -155,11 +156,14 @@ impl Shared {
         let cx = if self.telemetry.tracing() {
             let parent = telemetry::extract(request.headers());
             self.telemetry.start(&parent, &edge.name, Kind::Server, || {
-                vec![
-                    Attribute::new("http.request.method", request.method().to_string()),
+                // Room for the status code set at the end.
+                let mut attributes = Vec::with_capacity(4);
+                attributes.extend([
+                    Attribute::new("http.request.method", request.method().as_str().to_owned()),
                     Attribute::new("http.route", edge.template.clone()),
                     Attribute::new("url.path", request.uri().path().to_owned()),
-                ]
+                ]);
+                attributes
             })
         } else {
             None

@@ -115,7 +115,8 @@ pub struct TieredCache<V> {
     l1: Cache<String, Option<V>>,
     l2: Option<L2>,
     bus: Arc<dyn Bus>,
-    channel: String,
+    /// Shared with every `cache.lookup` event rather than copied into each.
+    channel: Arc<str>,
     counters: Counters,
     /// Stops the invalidation listener when the cache is dropped.
     _listener: DropGuard,
@@ -151,7 +152,7 @@ where
             l1,
             l2,
             bus,
-            channel,
+            channel: channel.into(),
             counters,
             _listener: stop.drop_guard(),
         }

@@ -49,8 +49,9 @@ struct Shared {
 struct Rpc {
     /// `package.Service/Method`: the span name and the `rpc` label.
     name: String,
-    service: String,
-    method: String,
+    /// Shared with every span's `rpc.service` and `rpc.method`.
+    service: Arc<str>,
+    method: Arc<str>,
     /// The status of a server-streaming call is known only at its end.
     server_streaming: bool,
     metrics: RouteMetrics,
@@ -74,8 +75,8 @@ impl ServerObserveLayer {
         let rpc = |name: String, server_streaming: bool| {
             let (service, method) = name.split_once('/').unwrap_or((name.as_str(), ""));
             Arc::new(Rpc {
-                service: service.to_owned(),
-                method: method.to_owned(),
+                service: service.into(),
+                method: method.into(),
                 server_streaming,
                 metrics: families.route(&name),
                 name,
@@ -119,11 +120,14 @@ impl Shared {
             let parent = telemetry::extract(headers);
             self.telemetry
                 .start(&parent, &rpc.name, SpanKind::Server, || {
-                    vec![
+                    // Room for the status code set at the end.
+                    let mut attributes = Vec::with_capacity(4);
+                    attributes.extend([
                         KeyValue::new("rpc.system", "grpc"),
                         KeyValue::new("rpc.service", rpc.service.clone()),
                         KeyValue::new("rpc.method", rpc.method.clone()),
-                    ]
+                    ]);
+                    attributes
                 })
         } else {
             None

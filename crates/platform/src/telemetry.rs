@@ -642,7 +642,11 @@ const NIBBLE: [u8; 256] = {
     let mut table = [0xff; 256];
     let mut digit = 0;
     while digit < 16 {
-        let ascii = if digit < 10 { b'0' + digit } else { b'a' + digit - 10 };
+        let ascii = if digit < 10 {
+            b'0' + digit
+        } else {
+            b'a' + digit - 10
+        };
         table[ascii as usize] = digit;
         digit += 1;
     }
