@@ -1,8 +1,9 @@
 //! Observation at the edge, as one tower layer around the router: the edge
 //! span (the trace's root unless the client sent a `traceparent`), the
 //! sampling decision for the whole request (the context the request runs
-//! in, whose `traceparent` the upstream call carries), request count and latency by route and status, requests in flight, and
-//! open event streams (SSE, NDJSON).
+//! in, whose `traceparent` the upstream call carries), request count and
+//! latency by route and status, requests in flight, and open event streams
+//! (SSE, NDJSON).
 
 use std::{
     convert::Infallible,
