@@ -37,7 +37,7 @@
 //!   dispatch), which was most of a Redis-backed check's CPU. A bucket that
 //!   several requests of a batch spend from (a route's own, or one address's
 //!   behind a NAT) goes in once and is read and written once: Redis's CPU
-//!   per check is then mostly the script's loop (~2 µs against ~8 µs when
+//!   per check is then mostly the script's loop (~3 µs against ~10 µs when
 //!   every check reads and writes its key). At low load a batch holds one
 //!   request and the latency is one round trip, as before.
 //! * [`FallbackLimiter`] — Redis first, bounded to ~50 ms; on an error or a

@@ -87,9 +87,8 @@ impl RedisCpu {
                 .parse()
                 .with_context(|| format!("{field} in INFO cpu"))
         };
-        Ok(Duration::from_secs_f64(
-            seconds("used_cpu_user:")? + seconds("used_cpu_sys:")?,
-        ))
+        Duration::try_from_secs_f64(seconds("used_cpu_user:")? + seconds("used_cpu_sys:")?)
+            .context("CPU seconds in INFO cpu")
     }
 }
 
