@@ -226,8 +226,11 @@ fn upstream_request(
         if let Some(value) = headers.get(name) {
             let mut value = value.clone();
             // A bearer token is a secret: HPACK "never indexed" (RFC 7541
-            // §7.1.3), so no hop's compression context keeps it.
-            value.set_sensitive(name == header::AUTHORIZATION);
+            // §7.1.3), so no hop's compression context keeps it. The rest
+            // but `tracestate` differ on every call.
+            if *name != telemetry::TRACESTATE {
+                telemetry::set_never_indexed(&mut value);
+            }
             metadata.insert(name.clone(), value);
         }
     }

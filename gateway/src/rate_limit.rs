@@ -11,7 +11,7 @@
 //! the route's own) and the limiter takes them all in one call: in order, the
 //! first refusal stops, and the answer is the tightest decision. One call per
 //! request is what lets the Redis limiter answer a request in at most one
-//! round trip.
+//! round trip (none when its buckets' tokens are leased here).
 //!
 //! * [`LocalLimiter`] — in process: sharded mutexes over hash tables of TATs
 //!   keyed by a keyed 64-bit hash of (key, quota). A check is a hash, an
@@ -39,7 +39,12 @@
 //!   behind a NAT) goes in once and is read and written once: Redis's CPU
 //!   per check is then mostly the script's loop (~3 µs against ~10 µs when
 //!   every check reads and writes its key). At low load a batch holds one
-//!   request and the latency is one round trip, as before.
+//!   request and the latency is one round trip, as before. A bucket that
+//!   several requests of a batch spend from, or that is called for again
+//!   within 50 ms, is hot: the call also leases a block of its tokens to
+//!   this replica (taken from the shared bucket at once, at most a
+//!   sixteenth of its burst, spendable for 50 ms), and the requests that
+//!   follow spend them without a round trip.
 //! * [`FallbackLimiter`] — Redis first, bounded to ~50 ms; on an error or a
 //!   timeout, the local limiter answers (per-replica budgets beat failing
 //!   every request, or admitting all of them).
@@ -198,7 +203,7 @@ fn allowed(quota: Quota, reset_after_us: u64) -> Decision {
 }
 
 /// One bucket to spend from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Check {
     pub key: String,
     pub quota: Quota,
@@ -430,31 +435,64 @@ pub enum RateLimitError {
 /// [`FallbackLimiter`] wraps.
 #[async_trait]
 pub trait SharedLimiter: Send + Sync {
+    /// The decision if it can be had without a call (from tokens leased
+    /// earlier), spending them; `None` otherwise.
+    fn try_leased(&self, _checks: &Checks) -> Option<Decision> {
+        None
+    }
+
     async fn try_check(&self, checks: &Checks) -> Result<Decision, RateLimitError>;
 }
 
 /// GCRA over a batch of check groups in one round trip. `KEYS` holds the
 /// batch's distinct buckets once each; `ARGV` holds per bucket its emission
-/// interval (µs) and burst, then per group its number of checks and each
-/// check's bucket (1-based index into `KEYS`). One `TIME` read is the clock
-/// of the whole batch. Each group's checks are spent in order up to the
-/// first refusal. A bucket is read once and written once per batch, however
-/// many checks spend from it (a route's bucket, or many callers behind one
-/// address, is hot); its TAT is kept in µs of Redis `TIME`, expiring when
-/// the bucket is full again. Returns `{status, reset_after_us,
-/// retry_after_us}` per check, flat, in order: status 1 allowed, 0 refused,
-/// 2 not taken (after a refusal in its group).
+/// interval (µs), burst, the tokens this replica gives back (leased and not
+/// spent) and the tokens it asks to lease, then per group its number of
+/// checks and each check's bucket (1-based index into `KEYS`). One `TIME`
+/// read is the clock of the whole batch. Refunds go back first; then each
+/// group's checks are spent in order up to the first refusal; then each
+/// bucket leases out up to what was asked of what is left. A bucket is read
+/// once and written once per batch, however many checks spend from it (a
+/// route's bucket, or many callers behind one address, is hot); its TAT is
+/// kept in µs of Redis `TIME`, expiring when the bucket is full again.
+/// Returns, flat: `{status, reset_after_us, retry_after_us}` per check in
+/// order (status 1 allowed, 0 refused, 2 not taken after a refusal in its
+/// group), then `{leased, reset_after_us}` per bucket.
 const GCRA_BATCH_SCRIPT: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local interval, burst = {}, {}
+local interval, burst, refund, want = {}, {}, {}, {}
 for b = 1, #KEYS do
-  interval[b] = tonumber(ARGV[2 * b - 1])
-  burst[b] = tonumber(ARGV[2 * b])
+  interval[b] = tonumber(ARGV[4 * b - 3])
+  burst[b] = tonumber(ARGV[4 * b - 2])
+  refund[b] = tonumber(ARGV[4 * b - 1])
+  want[b] = tonumber(ARGV[4 * b])
 end
-local tats, spent = {}, {}
+local tats, written = {}, {}
+local function tat_of(b)
+  local name = KEYS[b]
+  local tat = tats[name]
+  if tat == nil then
+    tat = tonumber(redis.call('GET', name) or now)
+  end
+  if tat < now then tat = now end
+  return tat
+end
+local function store(b, tat)
+  local name = KEYS[b]
+  if not written[name] then
+    written[name] = true
+    written[#written + 1] = name
+  end
+  tats[name] = tat
+end
+for b = 1, #KEYS do
+  if refund[b] > 0 then
+    store(b, math.max(tat_of(b) - refund[b] * interval[b], now))
+  end
+end
 local out, n = {}, 0
-local arg, args = 2 * #KEYS + 1, #ARGV
+local arg, args = 4 * #KEYS + 1, #ARGV
 while arg <= args do
   local checks = tonumber(ARGV[arg])
   local refused = false
@@ -463,24 +501,15 @@ while arg <= args do
       out[n + 1], out[n + 2], out[n + 3] = 2, 0, 0
     else
       local b = tonumber(ARGV[c])
-      local name = KEYS[b]
-      local tat = tats[name]
-      if tat == nil then
-        tat = tonumber(redis.call('GET', name) or now)
-      end
-      if tat < now then tat = now end
+      local tat = tat_of(b)
       local new_tat = tat + interval[b]
       local allow_at = new_tat - burst[b] * interval[b]
       if now < allow_at then
-        tats[name] = tat
+        tats[KEYS[b]] = tat
         out[n + 1], out[n + 2], out[n + 3] = 0, tat - now, allow_at - now
         refused = true
       else
-        if not spent[name] then
-          spent[name] = true
-          spent[#spent + 1] = name
-        end
-        tats[name] = new_tat
+        store(b, new_tat)
         out[n + 1], out[n + 2], out[n + 3] = 1, new_tat - now, 0
       end
     end
@@ -488,9 +517,25 @@ while arg <= args do
   end
   arg = arg + 1 + checks
 end
-for i = 1, #spent do
-  local tat = tats[spent[i]]
-  redis.call('SET', spent[i], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000))
+for b = 1, #KEYS do
+  local tat = tat_of(b)
+  local leased = math.min(want[b], math.floor((now + burst[b] * interval[b] - tat) / interval[b]))
+  if leased > 0 then
+    tat = tat + leased * interval[b]
+    store(b, tat)
+  else
+    leased = 0
+  end
+  out[n + 1], out[n + 2] = leased, tat - now
+  n = n + 2
+end
+for i = 1, #written do
+  local tat = tats[written[i]]
+  if tat > now then
+    redis.call('SET', written[i], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000))
+  else
+    redis.call('DEL', written[i])
+  end
 end
 return out
 ";
@@ -504,11 +549,23 @@ pub const MAX_BATCH: usize = 128;
 /// (and the fallback answers it).
 const QUEUE_CAPACITY: usize = 32 * MAX_BATCH;
 
-/// A bucket's full Redis key and its quota.
-type Bucket = (String, Quota);
+/// How long leased tokens may be spent here. Tokens are taken from the
+/// shared bucket when leased, so admitting with them later shifts those
+/// admissions by at most this much; unspent ones go back with this
+/// replica's next call for the bucket.
+pub const LEASE_TTL: Duration = Duration::from_millis(50);
+/// A lease is at most this many tokens, and at most a sixteenth of the
+/// burst: what other replicas can be refused early (while this one holds
+/// tokens it has not spent) stays small, and a bucket of under 32 is never
+/// leased, so a small quota (a login's) stays exact.
+pub const MAX_LEASE: u32 = 1024;
+const LEASE_SHARE_OF_BURST: u32 = 16;
+/// Buckets holding a lease at most; beyond that no new bucket is leased
+/// until expired leases are swept out.
+const MAX_LEASED_BUCKETS: usize = 4096;
 
 /// GCRA shared by every replica through Redis, concurrent requests batched
-/// into one call.
+/// into one call, hot buckets' tokens leased in blocks.
 ///
 /// No task of its own: the request that finds no call in flight sends the
 /// batch itself (at low load, just its own checks: the same path and cost
@@ -516,16 +573,31 @@ type Bucket = (String, Quota);
 /// call returns its sender answers them and hands the right to send the
 /// next batch to the first one still waiting. A batching task would cost
 /// every request two more task wake-ups, which is what batching saves.
+///
+/// Even batched, every request waited for a round trip, and that wait (the
+/// task parked, then woken; a timer armed) cost the gateway more CPU than
+/// the script cost Redis. So a bucket that several requests of one batch
+/// spend from, or that is called for again within [`LEASE_TTL`] (one
+/// caller's back-to-back requests), is hot, and the call also leases a
+/// block of its tokens to this replica: they leave the shared bucket at
+/// once, and the requests that follow spend them here without waiting. The block doubles while
+/// demand empties it within [`LEASE_TTL`] and halves when it expires with
+/// tokens left, which go back to the shared bucket. What a lease changes:
+/// another replica may be refused while this one holds tokens (at most a
+/// lease each), and an answer from a lease reports `RateLimit-Remaining`
+/// as of the latest call plus the tokens still held. What it keeps: no
+/// replica admits a request the shared bucket did not pay for.
 pub struct RedisLimiter {
     batches: Arc<Batches>,
-    /// The namespace of every bucket's key.
-    prefix: String,
 }
 
 struct Batches {
     queue: Mutex<Queue>,
+    leases: Mutex<Leases>,
     connection: ConnectionManager,
     script: redis::Script,
+    /// The namespace of every bucket's key.
+    prefix: String,
 }
 
 #[derive(Default)]
@@ -535,22 +607,39 @@ struct Queue {
     waiting: VecDeque<Follower>,
 }
 
+/// A check sent to Redis, and the tokens an expired lease of its bucket
+/// left, which go back to the bucket first.
+#[derive(Debug, Clone)]
+struct Ask {
+    check: Check,
+    refund: u32,
+}
+
+/// A request's checks on their way to Redis: those whose buckets hold a
+/// live lease are spent from it here, the rest are sent.
+#[derive(Debug)]
+struct Plan {
+    sent: Vec<Ask>,
+    /// Per check, in order: its decision when spent from a lease.
+    leased: Vec<Option<Decision>>,
+}
+
 /// A request waiting for the next batch.
 struct Follower {
-    buckets: Vec<Bucket>,
+    asks: Vec<Ask>,
     answer: oneshot::Sender<Answer>,
 }
 
 enum Answer {
     /// The group's raw answer.
     Group(Result<Vec<i64>, RateLimitError>),
-    /// Send the next batch, starting with these, your own buckets.
-    Lead(Leadership, Vec<Bucket>),
+    /// Send the next batch, starting with these, your own checks.
+    Lead(Leadership, Vec<Ask>),
 }
 
 /// What a request joining the batches does.
 enum Turn {
-    Lead(Leadership, Vec<Bucket>),
+    Lead(Leadership, Vec<Ask>),
     Wait(oneshot::Receiver<Answer>),
 }
 
@@ -576,11 +665,232 @@ impl RedisLimiter {
         Self {
             batches: Arc::new(Batches {
                 queue: Mutex::default(),
+                leases: Mutex::default(),
                 connection: redis.connection(),
                 script: redis::Script::new(GCRA_BATCH_SCRIPT),
+                prefix: redis.key("gateway:rl:"),
             }),
-            prefix: redis.key("gateway:rl:"),
         }
+    }
+
+    /// Checks answered from leased tokens, without a round trip.
+    pub fn leased_checks(&self) -> u64 {
+        self.batches.leases().spent
+    }
+
+    /// The raw answer for `asks`, one group of the next batch.
+    async fn call(&self, asks: Vec<Ask>) -> Result<Vec<i64>, RateLimitError> {
+        let (leadership, asks) = match self.batches.join(asks)? {
+            Turn::Lead(leadership, asks) => (leadership, asks),
+            Turn::Wait(answered) => match answered.await {
+                Ok(Answer::Group(group)) => return group,
+                Ok(Answer::Lead(leadership, asks)) => (leadership, asks),
+                Err(_) => return Err(RateLimitError::Abandoned),
+            },
+        };
+        let group = self.batches.send(&asks).await;
+        // The next batch goes out before this one's answer is read.
+        drop(leadership);
+        group
+    }
+}
+
+/// Tokens of hot buckets leased to this replica.
+#[derive(Default)]
+struct Leases {
+    buckets: HashMap<Check, Lease>,
+    /// Checks spent from a lease.
+    spent: u64,
+    /// When expired leases were last swept out for room.
+    swept: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lease {
+    /// Leased, not yet spent.
+    tokens: u32,
+    /// Until when they may be spent here.
+    expires: Instant,
+    /// The block the latest grant asked for.
+    size: u32,
+    /// The shared bucket as the latest answer left it: requests it could
+    /// still admit, and when it is full again.
+    shared_remaining: u32,
+    full_at: Instant,
+}
+
+impl Lease {
+    fn live(&self, now: Instant) -> bool {
+        self.tokens > 0 && now < self.expires
+    }
+}
+
+/// The largest block `quota`'s bucket is leased in; under 2, none.
+fn lease_cap(quota: Quota) -> u32 {
+    (quota.burst() / LEASE_SHARE_OF_BURST).min(MAX_LEASE)
+}
+
+impl Leases {
+    /// The request's decision if every one of its buckets holds a live
+    /// lease, each then one token poorer; `None` (nothing spent) otherwise.
+    fn spend(&mut self, checks: &Checks, now: Instant) -> Option<Decision> {
+        let mut decisions = Vec::with_capacity(checks.len());
+        for check in checks.iter() {
+            match self.buckets.get_mut(check) {
+                Some(lease) if lease.live(now) => {
+                    lease.tokens -= 1;
+                    self.spent += 1;
+                    decisions.push(leased(check.quota, lease, now));
+                }
+                _ => {
+                    // The request goes to Redis: undo what it spent.
+                    self.give_back(checks.iter().take(decisions.len()));
+                    return None;
+                }
+            }
+        }
+        let mut decisions = decisions.into_iter();
+        let first = decisions.next()?;
+        Some(tightest(first, decisions))
+    }
+
+    /// Which of the request's checks are spent from a lease here and which
+    /// go to Redis (with what an expired lease of theirs gives back).
+    fn plan(&mut self, checks: &Checks, now: Instant) -> Plan {
+        let mut plan = Plan {
+            sent: Vec::with_capacity(checks.len()),
+            leased: Vec::with_capacity(checks.len()),
+        };
+        for check in checks.iter() {
+            let mut refund = 0;
+            let mut from_lease = None;
+            if let Some(lease) = self.buckets.get_mut(check) {
+                if lease.live(now) {
+                    lease.tokens -= 1;
+                    self.spent += 1;
+                    from_lease = Some(leased(check.quota, lease, now));
+                } else if now >= lease.expires && lease.tokens > 0 {
+                    refund = std::mem::take(&mut lease.tokens);
+                    lease.size /= 2;
+                }
+            }
+            if from_lease.is_none() {
+                plan.sent.push(Ask {
+                    check: check.clone(),
+                    refund,
+                });
+            }
+            plan.leased.push(from_lease);
+        }
+        plan
+    }
+
+    /// Puts back a token taken from each of `checks`' leases for a request
+    /// that did not get to spend it.
+    fn give_back<'a>(&mut self, checks: impl IntoIterator<Item = &'a Check>) {
+        for check in checks {
+            if let Some(lease) = self.buckets.get_mut(check) {
+                lease.tokens += 1;
+                self.spent -= 1;
+            }
+        }
+    }
+
+    /// The block to lease for a bucket `checks` checks of this batch spend
+    /// from: none while its lease holds tokens (an expired one's go back
+    /// first); twice the last one if the bucket was called for again within
+    /// [`LEASE_TTL`] (demand emptied its lease, or it was seen once before:
+    /// a caller's sequential requests); the last one (halved if it expired
+    /// unspent) after that; and for a bucket not seen lately, as many as
+    /// this batch brought. Never more than the cap, and none under two.
+    fn want(&mut self, check: &Check, checks: u32, now: Instant) -> u32 {
+        let cap = lease_cap(check.quota);
+        if cap < 2 {
+            return 0;
+        }
+        let seen = self
+            .buckets
+            .get(check)
+            .map(|lease| (lease.tokens, lease.expires, lease.size));
+        let block = match seen {
+            Some((tokens, ..)) if tokens > 0 => 0,
+            Some((_, expires, size)) if now < expires => size.saturating_mul(2).max(checks),
+            Some((.., size)) => size.max(checks),
+            None if checks >= 2 && self.room(now) => checks,
+            None => 0,
+        };
+        let block = block.min(cap);
+        // A block of one saves nothing.
+        if block < 2 { 0 } else { block }
+    }
+
+    /// Whether another bucket may be tracked: expired leases are swept out
+    /// (their unspent tokens refill at the bucket's rate) when the table is
+    /// full, at most once per [`LEASE_TTL`].
+    fn room(&mut self, now: Instant) -> bool {
+        if self.buckets.len() >= MAX_LEASED_BUCKETS
+            && self
+                .swept
+                .is_none_or(|swept| now.duration_since(swept) >= LEASE_TTL)
+        {
+            self.swept = Some(now);
+            self.buckets.retain(|_, lease| now < lease.expires);
+        }
+        self.buckets.len() < MAX_LEASED_BUCKETS
+    }
+
+    /// Records a batch's answer for a bucket: `granted` more tokens (asked
+    /// for `asked`), and the shared bucket full again in `reset_after_us`.
+    /// A bucket that could be leased is remembered for [`LEASE_TTL`] even
+    /// with nothing granted, so that a second call for it within that time
+    /// asks for a block.
+    fn record(
+        &mut self,
+        check: &Check,
+        asked: u32,
+        granted: u32,
+        reset_after_us: u64,
+        now: Instant,
+    ) {
+        if lease_cap(check.quota) < 2 {
+            return;
+        }
+        let full_at = now + Duration::from_micros(reset_after_us);
+        let shared_remaining = allowed(check.quota, reset_after_us).remaining;
+        if let Some(lease) = self.buckets.get_mut(check) {
+            lease.shared_remaining = shared_remaining;
+            lease.full_at = full_at;
+            if asked > 0 || lease.tokens == 0 {
+                lease.size = asked.max(1);
+                lease.tokens += granted;
+                lease.expires = now + LEASE_TTL;
+            }
+        } else if self.room(now) {
+            self.buckets.insert(
+                check.clone(),
+                Lease {
+                    tokens: granted,
+                    expires: now + LEASE_TTL,
+                    size: asked.max(1),
+                    shared_remaining,
+                    full_at,
+                },
+            );
+        }
+    }
+}
+
+/// The decision for a check spent from `lease`.
+fn leased(quota: Quota, lease: &Lease, now: Instant) -> Decision {
+    Decision {
+        allowed: true,
+        limit: quota.burst(),
+        remaining: lease
+            .shared_remaining
+            .saturating_add(lease.tokens)
+            .min(quota.burst()),
+        reset_after: lease.full_at.saturating_duration_since(now),
+        retry_after: None,
     }
 }
 
@@ -591,9 +901,15 @@ impl Batches {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// `buckets` lead the next batch if no request does; otherwise they
-    /// wait for an answer, or for the lead.
-    fn join(self: &Arc<Self>, buckets: Vec<Bucket>) -> Result<Turn, RateLimitError> {
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `asks` lead the next batch if no request does; otherwise they wait
+    /// for an answer, or for the lead.
+    fn join(self: &Arc<Self>, asks: Vec<Ask>) -> Result<Turn, RateLimitError> {
         let mut queue = self.queue();
         if !queue.led {
             queue.led = true;
@@ -601,13 +917,13 @@ impl Batches {
                 batches: self.clone(),
                 held: true,
             };
-            return Ok(Turn::Lead(leadership, buckets));
+            return Ok(Turn::Lead(leadership, asks));
         }
         if queue.waiting.len() >= QUEUE_CAPACITY {
             return Err(RateLimitError::Overloaded);
         }
         let (answer, answered) = oneshot::channel();
-        queue.waiting.push_back(Follower { buckets, answer });
+        queue.waiting.push_back(Follower { asks, answer });
         Ok(Turn::Wait(answered))
     }
 
@@ -628,7 +944,7 @@ impl Batches {
                 batches: self.clone(),
                 held: true,
             };
-            match next.answer.send(Answer::Lead(leadership, next.buckets)) {
+            match next.answer.send(Answer::Lead(leadership, next.asks)) {
                 Ok(()) => return,
                 // Gone (its caller stopped waiting): on to the next one,
                 // without the refused lead handing over again on drop.
@@ -643,7 +959,7 @@ impl Batches {
 
     /// Sends `own` and up to a batch of waiting requests' checks as one
     /// call; answers the followers, returns `own`'s group.
-    async fn send(&self, own: &[Bucket]) -> Result<Vec<i64>, RateLimitError> {
+    async fn send(&self, own: &[Ask]) -> Result<Vec<i64>, RateLimitError> {
         let followers: Vec<Follower> = {
             let mut queue = self.queue();
             let n = queue.waiting.len().min(MAX_BATCH - 1);
@@ -655,8 +971,8 @@ impl Batches {
             .into_iter()
             .filter(|follower| !follower.answer.is_closed())
             .collect();
-        let groups: Vec<&[Bucket]> = std::iter::once(own)
-            .chain(followers.iter().map(|f| &f.buckets[..]))
+        let groups: Vec<&[Ask]> = std::iter::once(own)
+            .chain(followers.iter().map(|f| &f.asks[..]))
             .collect();
         let answer = self.invoke(&groups).await;
         let mut groups: Vec<Result<Vec<i64>, RateLimitError>> = match answer {
@@ -680,62 +996,102 @@ impl Batches {
     }
 
     /// One EVALSHA for `groups`: each distinct bucket goes once, in `KEYS`,
-    /// and checks name it by index. Answers three numbers per check.
-    async fn invoke(&self, groups: &[&[Bucket]]) -> Result<Vec<i64>, RateLimitError> {
+    /// with what this replica gives back and asks to lease; checks name it
+    /// by index. Answers three numbers per check; the leases it records.
+    async fn invoke(&self, groups: &[&[Ask]]) -> Result<Vec<i64>, RateLimitError> {
         let checks: usize = groups.iter().map(|group| group.len()).sum();
-        let mut index: HashMap<&Bucket, usize> = HashMap::with_capacity(checks);
-        let mut invocation = self.script.prepare_invoke();
-        for bucket in groups.iter().flat_map(|group| group.iter()) {
-            let next = index.len() + 1;
-            index.entry(bucket).or_insert_with(|| {
-                let (key, quota) = bucket;
-                invocation
-                    .key(key)
-                    .arg(quota.interval_us())
-                    .arg(quota.burst());
-                next
+        // Per distinct bucket: its checks in this batch, and its refunds.
+        let mut index: HashMap<&Check, usize> = HashMap::with_capacity(checks);
+        let mut buckets: Vec<(&Check, u32, u32)> = Vec::with_capacity(checks);
+        for ask in groups.iter().flat_map(|group| group.iter()) {
+            let b = *index.entry(&ask.check).or_insert_with(|| {
+                buckets.push((&ask.check, 0, 0));
+                buckets.len() - 1
             });
+            buckets[b].1 += 1;
+            buckets[b].2 += ask.refund;
+        }
+        let asked: Vec<u32> = {
+            let mut leases = self.leases();
+            let now = Instant::now();
+            buckets
+                .iter()
+                .map(|&(check, count, _)| leases.want(check, count, now))
+                .collect()
+        };
+        let mut invocation = self.script.prepare_invoke();
+        for (&(check, _, refund), want) in buckets.iter().zip(&asked) {
+            invocation
+                .key(format!("{}{}", self.prefix, check.key))
+                .arg(check.quota.interval_us())
+                .arg(check.quota.burst())
+                .arg(refund)
+                .arg(want);
         }
         for group in groups {
             invocation.arg(group.len());
-            for bucket in *group {
-                invocation.arg(index[bucket]);
+            for ask in *group {
+                invocation.arg(index[&ask.check] + 1);
             }
         }
-        let flat: Vec<i64> = invocation
+        let mut flat: Vec<i64> = invocation
             .invoke_async(&mut self.connection.clone())
             .await?;
-        if flat.len() == 3 * checks {
-            Ok(flat)
-        } else {
-            Err(RateLimitError::Reply(format!(
-                "{} numbers for {checks} checks",
-                flat.len()
-            )))
+        if flat.len() != 3 * checks + 2 * buckets.len() {
+            return Err(RateLimitError::Reply(format!(
+                "{} numbers for {checks} checks on {} buckets",
+                flat.len(),
+                buckets.len()
+            )));
         }
+        let trailer = flat.split_off(3 * checks);
+        let mut leases = self.leases();
+        let now = Instant::now();
+        for ((&(check, ..), &want), pair) in buckets.iter().zip(&asked).zip(trailer.chunks(2)) {
+            let (Ok(granted), Ok(reset_after_us)) =
+                (u32::try_from(pair[0]), u64::try_from(pair[1]))
+            else {
+                return Err(RateLimitError::Reply(format!("lease {pair:?}")));
+            };
+            if granted > want {
+                return Err(RateLimitError::Reply(format!("{granted} leased of {want}")));
+            }
+            leases.record(check, want, granted, reset_after_us, now);
+        }
+        Ok(flat)
     }
 }
 
-/// A group's decision from its `{status, reset_after_us, retry_after_us}`
-/// triples, one per check, checked against what the script may answer.
-fn decode(checks: &Checks, group: &[i64]) -> Result<Decision, RateLimitError> {
+/// A request's decisions, in order up to its first refusal (what it
+/// took): from its leases where `leased` has them, else from the group's
+/// `{status, reset_after_us, retry_after_us}` triples, one per check sent,
+/// checked against what the script may answer.
+fn decode(
+    checks: &Checks,
+    leased: &[Option<Decision>],
+    group: &[i64],
+) -> Result<Vec<Decision>, RateLimitError> {
     let malformed = || RateLimitError::Reply(format!("{group:?}"));
     let (triples, rest) = group.as_chunks::<3>();
-    if !rest.is_empty() || triples.len() != checks.len() {
+    let sent = leased.iter().filter(|decision| decision.is_none()).count();
+    if !rest.is_empty() || triples.len() != sent || leased.len() != checks.len() {
         return Err(malformed());
     }
     let micros = |value: i64| u64::try_from(value).map_err(|_| malformed());
-    let mut decisions = Vec::with_capacity(triples.len());
-    let mut taken = triples.iter();
-    for (check, &[status, reset_after_us, retry_after_us]) in checks.iter().zip(taken.by_ref()) {
-        let decision = match status {
-            1 => allowed(check.quota, micros(reset_after_us)?),
-            0 => Decision::denied(
-                check.quota,
-                micros(reset_after_us)?,
-                micros(retry_after_us)?,
-            ),
-            _ => return Err(malformed()),
+    let mut decisions = Vec::with_capacity(checks.len());
+    let mut triples = triples.iter();
+    for (check, leased) in checks.iter().zip(leased) {
+        let decision = match leased {
+            Some(decision) => decision.clone(),
+            None => match *triples.next().ok_or_else(malformed)? {
+                [1, reset_after_us, _] => allowed(check.quota, micros(reset_after_us)?),
+                [0, reset_after_us, retry_after_us] => Decision::denied(
+                    check.quota,
+                    micros(reset_after_us)?,
+                    micros(retry_after_us)?,
+                ),
+                _ => return Err(malformed()),
+            },
         };
         let refused = !decision.allowed;
         decisions.push(decision);
@@ -743,34 +1099,41 @@ fn decode(checks: &Checks, group: &[i64]) -> Result<Decision, RateLimitError> {
             break;
         }
     }
-    // Whatever follows a refusal was not taken.
-    if taken.any(|&[status, ..]| status != NOT_TAKEN) {
+    // Whatever was sent after a refusal was not taken.
+    if triples.any(|&[status, ..]| status != NOT_TAKEN) {
         return Err(malformed());
     }
-    let mut decisions = decisions.into_iter();
-    let first = decisions.next().ok_or_else(malformed)?;
-    Ok(tightest(first, decisions))
+    Ok(decisions)
 }
 
 #[async_trait]
 impl SharedLimiter for RedisLimiter {
+    fn try_leased(&self, checks: &Checks) -> Option<Decision> {
+        self.batches.leases().spend(checks, Instant::now())
+    }
+
     async fn try_check(&self, checks: &Checks) -> Result<Decision, RateLimitError> {
-        let buckets = checks
-            .iter()
-            .map(|check| (format!("{}{}", self.prefix, check.key), check.quota))
-            .collect();
-        let (leadership, buckets) = match self.batches.join(buckets)? {
-            Turn::Lead(leadership, buckets) => (leadership, buckets),
-            Turn::Wait(answered) => match answered.await {
-                Ok(Answer::Group(group)) => return decode(checks, &group?),
-                Ok(Answer::Lead(leadership, buckets)) => (leadership, buckets),
-                Err(_) => return Err(RateLimitError::Abandoned),
-            },
+        let Plan { sent, leased } = self.batches.leases().plan(checks, Instant::now());
+        let group = if sent.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.call(sent).await
         };
-        let group = self.batches.send(&buckets).await;
-        // The next batch goes out before this one's answer is read.
-        drop(leadership);
-        decode(checks, &group?)
+        let decisions = group.and_then(|group| decode(checks, &leased, &group));
+        // Leased tokens after a refusal (or all, on a failure) were not
+        // spent after all.
+        let taken = decisions.as_ref().map_or(0, Vec::len);
+        let unspent = checks
+            .iter()
+            .zip(&leased)
+            .skip(taken)
+            .filter_map(|(check, leased)| leased.as_ref().map(|_| check));
+        self.batches.leases().give_back(unspent);
+        let mut decisions = decisions?.into_iter();
+        let first = decisions
+            .next()
+            .ok_or_else(|| RateLimitError::Reply("no decision".to_owned()))?;
+        Ok(tightest(first, decisions))
     }
 }
 
@@ -856,6 +1219,9 @@ impl<P: SharedLimiter> FallbackLimiter<P> {
 #[async_trait]
 impl<P: SharedLimiter> RateLimiter for FallbackLimiter<P> {
     async fn check(&self, checks: &Checks) -> Decision {
+        if let Some(decision) = self.primary.try_leased(checks) {
+            return decision;
+        }
         if self.now_us() >= self.skip_primary_until_us.load(Ordering::Relaxed) {
             let answer = tokio::time::timeout(self.timeout, self.primary.try_check(checks))
                 .await
@@ -1491,6 +1857,136 @@ mod tests {
         assert_eq!(shard.spend(100, 3 * SECOND, quota, capacity).remaining, 8);
     }
 
+    // -- leases --------------------------------------------------------------
+
+    /// A bucket leased in blocks of at most 100 (a sixteenth of 1,600).
+    fn hot() -> (Check, Checks) {
+        let quota = Quota::new(1_000, 1_600);
+        let check = Check {
+            key: "ip:hot".to_owned(),
+            quota,
+        };
+        (check, one("ip:hot", quota))
+    }
+
+    #[test]
+    fn leases_grow_while_demand_empties_them_and_shrink_when_they_expire() {
+        let (check, checks) = hot();
+        let mut leases = Leases::default();
+        let t0 = Instant::now();
+        assert_eq!(leases.want(&check, 1, t0), 0, "one check is not hot");
+        assert_eq!(leases.want(&check, 3, t0), 3, "what one batch brought");
+        // Seen once, and again within the TTL: hot.
+        leases.record(&check, 0, 0, 0, t0);
+        assert_eq!(leases.buckets[&check].tokens, 0);
+        assert_eq!(
+            leases.want(&check, 1, t0 + LEASE_TTL),
+            0,
+            "not again in time"
+        );
+        assert_eq!(leases.want(&check, 1, t0), 2);
+
+        // Three leased; the shared bucket full again in 0.5 s, so 1,100
+        // left in it.
+        leases.record(&check, 3, 3, 500_000, t0);
+        for held in [2, 1, 0] {
+            let decision = leases.spend(&checks, t0).expect("a leased token");
+            assert!(decision.allowed);
+            assert_eq!(decision.remaining, 1_100 + held);
+            assert_eq!(decision.reset_after, Duration::from_millis(500));
+        }
+        assert_eq!(leases.spent, 3);
+        assert_eq!(leases.spend(&checks, t0), None, "emptied");
+        assert_eq!(leases.plan(&checks, t0).sent[0].refund, 0, "nothing held");
+
+        // Emptied before it expired: twice the block, up to the cap.
+        assert_eq!(leases.want(&check, 1, t0), 6);
+        leases.record(&check, 6, 6, 500_000, t0);
+        assert_eq!(leases.want(&check, 1, t0), 0, "holds tokens");
+        for _ in 0..6 {
+            leases.spend(&checks, t0).expect("a leased token");
+        }
+        let mut size = 6;
+        while size < 100 {
+            size = (2 * size).min(100);
+            assert_eq!(leases.want(&check, 1, t0), size);
+            leases.record(&check, size, 0, 500_000, t0);
+        }
+        assert_eq!(leases.want(&check, 1, t0), 100, "capped");
+
+        // Expired with tokens left: none spent here any more, all go back
+        // with the next call, and the block halves.
+        leases.record(&check, 100, 40, 500_000, t0);
+        let expired = t0 + LEASE_TTL;
+        assert_eq!(leases.spend(&checks, expired), None);
+        assert_eq!(
+            leases.want(&check, 1, expired),
+            0,
+            "its tokens go back first"
+        );
+        assert_eq!(leases.plan(&checks, expired).sent[0].refund, 40);
+        assert_eq!(leases.want(&check, 1, expired), 50);
+    }
+
+    #[test]
+    fn a_request_spends_what_its_leases_hold_and_sends_the_rest() {
+        let (check, hot_only) = hot();
+        let group = hot_only.clone().then("user:cold".to_owned(), check.quota);
+        let mut leases = Leases::default();
+        let now = Instant::now();
+        leases.record(&check, 2, 2, 0, now);
+        assert_eq!(leases.spend(&group, now), None, "not all leased");
+        assert_eq!(leases.buckets[&check].tokens, 2, "nothing spent");
+
+        // On its way to Redis the leased check is spent here; only the
+        // other one goes.
+        let plan = leases.plan(&group, now);
+        assert!(plan.leased[0].as_ref().is_some_and(|d| d.allowed));
+        assert!(plan.leased[1].is_none());
+        let sent: Vec<&str> = plan.sent.iter().map(|ask| ask.check.key.as_str()).collect();
+        assert_eq!(sent, ["user:cold"]);
+        assert_eq!((leases.buckets[&check].tokens, leases.spent), (1, 1));
+        // A token the request did not get to spend comes back.
+        leases.give_back([&check]);
+        assert_eq!((leases.buckets[&check].tokens, leases.spent), (2, 0));
+
+        // A bucket named twice with one token: nothing spent.
+        assert!(leases.spend(&hot_only, now).is_some());
+        let twice = hot_only.clone().then(check.key.clone(), check.quota);
+        assert_eq!(leases.spend(&twice, now), None);
+        assert_eq!(leases.buckets[&check].tokens, 1);
+    }
+
+    #[test]
+    fn small_buckets_and_a_full_table_are_not_leased() {
+        let mut leases = Leases::default();
+        let now = Instant::now();
+        let small = Check {
+            key: "login".to_owned(),
+            quota: Quota::new(10, 31),
+        };
+        assert_eq!(
+            leases.want(&small, 100, now),
+            0,
+            "a burst under 32 stays exact"
+        );
+
+        let quota = Quota::new(1_000, 1_600);
+        for n in 0..MAX_LEASED_BUCKETS {
+            let check = Check {
+                key: format!("ip:{n}"),
+                quota,
+            };
+            leases.record(&check, 2, 2, 0, now);
+        }
+        let (check, _) = hot();
+        assert_eq!(leases.want(&check, 5, now), 0, "no room");
+        // Once the leases have expired, a sweep makes room.
+        let later = now + LEASE_TTL;
+        assert_eq!(leases.want(&check, 5, later), 5);
+        assert!(leases.buckets.is_empty());
+    }
+
     // -- Redis, batched ----------------------------------------------------
 
     /// Calls of `command` (as INFO names it) Redis has served since it
@@ -1597,13 +2093,179 @@ mod tests {
         clean_up(&redis).await;
     }
 
+    /// Two replicas race on one hot bucket, 4,000 checks in waves of 200:
+    /// both lease blocks of it, and together they never admit more than it
+    /// holds (plus what refills meanwhile); at most a block each is left
+    /// unspent when the race ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_leasing_one_bucket_never_admit_more_than_it_holds() {
+        let prefix = unique_prefix();
+        let url = redis_url();
+        let replicas = [
+            Arc::new(patient(&connect(&url, &prefix).await)),
+            Arc::new(patient(&connect(&url, &prefix).await)),
+        ];
+        let burst = 1_000;
+        let quota = Quota::new(1, burst);
+        let started = Instant::now();
+        let mut admitted = 0;
+        // In waves, so that later waves find the blocks earlier ones leased.
+        for _ in 0..20 {
+            let checks: Vec<_> = (0..200)
+                .map(|n| {
+                    let replica = replicas[n % 2].clone();
+                    tokio::spawn(async move { replica.check(&one("ip:shared", quota)).await })
+                })
+                .collect();
+            for check in checks {
+                admitted += u32::from(check.await.expect("task").allowed);
+            }
+        }
+        let refills = u32::try_from(started.elapsed().as_secs()).expect("seconds");
+        let unspent = 2 * lease_cap(quota);
+        assert!(
+            (burst - unspent..=burst + refills).contains(&admitted),
+            "{admitted} admitted of {burst}"
+        );
+        for replica in &replicas {
+            assert_eq!(replica.degraded_checks(), 0);
+            assert!(replica.primary.leased_checks() > 0, "hot, so leased");
+        }
+        let redis = connect(&url, &prefix).await;
+        clean_up(&redis).await;
+    }
+
+    /// Tokens a replica leased and did not spend go back to the shared
+    /// bucket once the lease expires: the bucket ends as if they had never
+    /// been leased.
+    #[tokio::test]
+    async fn unspent_leases_go_back_to_the_shared_bucket() {
+        let prefix = unique_prefix();
+        let redis = connect(&redis_url(), &prefix).await;
+        let limiter = RedisLimiter::new(&redis);
+        // One a second: nothing refills while the test runs.
+        let quota = Quota::new(1, 1_600);
+        let check = Check {
+            key: "ip:hot".to_owned(),
+            quota,
+        };
+        let checks = one("ip:hot", quota);
+        // Two checks in one batch make the bucket hot: two more leased.
+        let ask = || Ask {
+            check: check.clone(),
+            refund: 0,
+        };
+        let (first, second) = (vec![ask()], vec![ask()]);
+        let flat = limiter
+            .batches
+            .invoke(&[&first, &second])
+            .await
+            .expect("Redis answers");
+        assert_eq!(flat.len(), 6, "the checks' triples, the lease taken out");
+        assert_eq!(limiter.batches.leases().buckets[&check].tokens, 2);
+        let held = limiter.try_leased(&checks).expect("a leased token");
+        assert_eq!(held.remaining, 1_596 + 1, "1,596 in Redis, one held");
+        assert_eq!(limiter.leased_checks(), 1);
+
+        tokio::time::sleep(LEASE_TTL).await;
+        assert_eq!(limiter.try_leased(&checks), None, "expired");
+        let decision = limiter.try_check(&checks).await.expect("Redis answers");
+        // Four spent in all, the unspent token back: 1,596 left (1,597 if
+        // a second passed).
+        assert!(
+            (1_596..=1_597).contains(&decision.remaining),
+            "{decision:?}"
+        );
+        // The block halved to one: not worth a lease any more.
+        assert_eq!(limiter.batches.leases().buckets[&check].tokens, 0);
+        clean_up(&redis).await;
+    }
+
+    /// A request whose IP bucket is leased here and whose user bucket is
+    /// not: the IP's token is spent here and only the user's check goes to
+    /// Redis. In order, as ever: the IP's token stays spent when the user
+    /// is refused after it, and is given back when the user, checked
+    /// first, is refused before it.
+    #[tokio::test]
+    async fn leased_and_sent_checks_keep_their_order() {
+        let prefix = unique_prefix();
+        let redis = connect(&redis_url(), &prefix).await;
+        let limiter = RedisLimiter::new(&redis);
+        let ip = Check {
+            key: "ip:mixed".to_owned(),
+            quota: Quota::new(1, 1_600),
+        };
+        let lease = || async {
+            let ask = || Ask {
+                check: ip.clone(),
+                refund: 0,
+            };
+            let (first, second) = (vec![ask()], vec![ask()]);
+            limiter
+                .batches
+                .invoke(&[&first, &second])
+                .await
+                .expect("Redis answers");
+            limiter.batches.leases().buckets[&ip].tokens
+        };
+        let tokens = || limiter.batches.leases().buckets[&ip].tokens;
+        let user = Quota::new(1, 1);
+
+        assert_eq!(lease().await, 2);
+        let ip_then_user = one(&ip.key, ip.quota).then("user:a".to_owned(), user);
+        let admitted = limiter.try_check(&ip_then_user).await.expect("Redis");
+        assert!(admitted.allowed);
+        assert_eq!((admitted.limit, admitted.remaining), (1, 0), "the user's");
+        assert_eq!(tokens(), 1);
+        let refused = limiter.try_check(&ip_then_user).await.expect("Redis");
+        assert!(!refused.allowed);
+        assert_eq!(tokens(), 0, "taken before the refusal");
+
+        // Emptied within the TTL: the block doubles.
+        assert_eq!(lease().await, 4);
+        let user_then_ip = one("user:b", user).then(ip.key.clone(), ip.quota);
+        let admitted = limiter.try_check(&user_then_ip).await.expect("Redis");
+        assert!(admitted.allowed);
+        assert_eq!(tokens(), 3);
+        let refused = limiter.try_check(&user_then_ip).await.expect("Redis");
+        assert!(!refused.allowed);
+        assert_eq!(tokens(), 3, "not reached, so given back");
+        assert_eq!(limiter.leased_checks(), 3);
+        clean_up(&redis).await;
+    }
+
     #[test]
     fn malformed_answers_are_errors() {
         let quota = Quota::new(1, 3);
         let two = one("a", quota).then("b".to_owned(), quota);
-        assert!(decode(&two, &[1, 100, 0, 0, 200, 300]).is_ok());
-        let stopped = decode(&two, &[0, 200, 300, 2, 0, 0]).expect("stopped at a refusal");
-        assert!(!stopped.allowed);
+        let sent = [None, None];
+        let taken = |decisions: Result<Vec<Decision>, _>| {
+            decisions.map(|d| d.iter().map(|d| d.allowed).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            taken(decode(&two, &sent, &[1, 100, 0, 0, 200, 300])).ok(),
+            Some(vec![true, false])
+        );
+        assert_eq!(
+            taken(decode(&two, &sent, &[0, 200, 300, 2, 0, 0])).ok(),
+            Some(vec![false])
+        );
+        // With a leased check, only the other one's triple comes back.
+        let lease = Some(allowed(quota, 100));
+        let first_leased = [lease.clone(), None];
+        let second_leased = [None, lease.clone()];
+        assert_eq!(
+            taken(decode(&two, &first_leased, &[0, 200, 300])).ok(),
+            Some(vec![true, false])
+        );
+        assert_eq!(
+            taken(decode(&two, &second_leased, &[0, 200, 300])).ok(),
+            Some(vec![false])
+        );
+        assert_eq!(
+            taken(decode(&two, &[lease.clone(), lease], &[])).ok(),
+            Some(vec![true, true])
+        );
         for group in [
             &[][..],
             &[1, 100],
@@ -1615,8 +2277,10 @@ mod tests {
             &[0, 200, 300, 1, 100, 0],
             &[1, -5, 0, 1, 100, 0],
         ] {
-            assert!(decode(&two, group).is_err(), "{group:?}");
+            assert!(decode(&two, &sent, group).is_err(), "{group:?}");
         }
+        assert!(decode(&two, &first_leased, &[1, 100, 0, 1, 100, 0]).is_err());
+        assert!(decode(&two, &first_leased, &[2, 0, 0]).is_err());
     }
 
     /// `requests` checks at once on one key (burst 100) through a limiter

@@ -546,7 +546,8 @@ fn write_trace_headers(cx: &Context, headers: &mut HeaderMap) -> Option<bool> {
     if !context.is_valid() {
         return None;
     }
-    if let Ok(value) = HeaderValue::from_bytes(&traceparent_bytes(context)) {
+    if let Ok(mut value) = HeaderValue::from_bytes(&traceparent_bytes(context)) {
+        set_never_indexed(&mut value);
         headers.insert(TRACEPARENT, value);
     }
     let state = context.trace_state();
@@ -558,6 +559,16 @@ fn write_trace_headers(cx: &Context, headers: &mut HeaderMap) -> Option<bool> {
         headers.insert(TRACESTATE, value);
         true
     }))
+}
+
+/// Marks a header value that differs on every call (`traceparent`, a
+/// request id) as HPACK "never indexed": indexing it would cost both ends
+/// of every HTTP/2 hop a table insertion and an eviction per call, and
+/// push out the entries that do repeat, for a value no later call reuses.
+/// h2 offers no "without indexing" representation, and "never indexed"
+/// (RFC 7541 §6.2.3) costs the same bytes.
+pub fn set_never_indexed(value: &mut HeaderValue) {
+    value.set_sensitive(true);
 }
 
 /// `00-<trace id>-<span id>-<flags>`.
