@@ -678,6 +678,18 @@ impl RedisLimiter {
         self.batches.leases().spent
     }
 
+    /// Renews `due` leases in the background: the request that found one
+    /// low does not wait for it.
+    fn renew(&self, due: Vec<Check>) {
+        for check in due {
+            let batches = self.batches.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(async move { batches.renew(check).await })),
+                Err(_) => batches.leases().renewal_failed(&check),
+            }
+        }
+    }
+
     /// The raw answer for `asks`, one group of the next batch.
     async fn call(&self, asks: Vec<Ask>) -> Result<Vec<i64>, RateLimitError> {
         let (leadership, asks) = match self.batches.join(asks)? {
@@ -701,6 +713,8 @@ struct Leases {
     buckets: HashMap<Check, Lease>,
     /// Checks spent from a lease.
     spent: u64,
+    /// Leases down to half their block, to be renewed.
+    due: Vec<Check>,
     /// When expired leases were last swept out for room.
     swept: Option<Instant>,
 }
@@ -713,10 +727,14 @@ struct Lease {
     expires: Instant,
     /// The block the latest grant asked for.
     size: u32,
+    /// Tokens spent since the latest grant: the demand a renewal is sized by.
+    spent: u32,
     /// The shared bucket as the latest answer left it: requests it could
     /// still admit, and when it is full again.
     shared_remaining: u32,
     full_at: Instant,
+    /// A renewal is on its way.
+    renewing: bool,
 }
 
 impl Lease {
@@ -736,22 +754,34 @@ impl Leases {
     fn spend(&mut self, checks: &Checks, now: Instant) -> Option<Decision> {
         let mut decisions = Vec::with_capacity(checks.len());
         for check in checks.iter() {
-            match self.buckets.get_mut(check) {
-                Some(lease) if lease.live(now) => {
-                    lease.tokens -= 1;
-                    self.spent += 1;
-                    decisions.push(leased(check.quota, lease, now));
-                }
-                _ => {
-                    // The request goes to Redis: undo what it spent.
-                    self.give_back(checks.iter().take(decisions.len()));
-                    return None;
-                }
-            }
+            let Some(decision) = self.spend_one(check, now) else {
+                // The request goes to Redis: undo what it spent.
+                self.give_back(checks.iter().take(decisions.len()));
+                return None;
+            };
+            decisions.push(decision);
         }
         let mut decisions = decisions.into_iter();
         let first = decisions.next()?;
         Some(tightest(first, decisions))
+    }
+
+    /// A token of `check`'s lease, if it holds a live one. A lease down to
+    /// half its block becomes due for renewal, so that demand meets a
+    /// fresh block rather than a round trip.
+    fn spend_one(&mut self, check: &Check, now: Instant) -> Option<Decision> {
+        let lease = self
+            .buckets
+            .get_mut(check)
+            .filter(|lease| lease.live(now))?;
+        lease.tokens -= 1;
+        lease.spent += 1;
+        self.spent += 1;
+        if !lease.renewing && lease.size >= 4 && lease.tokens <= lease.size / 2 {
+            lease.renewing = true;
+            self.due.push(check.clone());
+        }
+        Some(leased(check.quota, lease, now))
     }
 
     /// Which of the request's checks are spent from a lease here and which
@@ -763,16 +793,13 @@ impl Leases {
         };
         for check in checks.iter() {
             let mut refund = 0;
-            let mut from_lease = None;
-            if let Some(lease) = self.buckets.get_mut(check) {
-                if lease.live(now) {
-                    lease.tokens -= 1;
-                    self.spent += 1;
-                    from_lease = Some(leased(check.quota, lease, now));
-                } else if now >= lease.expires && lease.tokens > 0 {
-                    refund = std::mem::take(&mut lease.tokens);
-                    lease.size /= 2;
-                }
+            let from_lease = self.spend_one(check, now);
+            if let Some(lease) = self.buckets.get_mut(check)
+                && now >= lease.expires
+                && lease.tokens > 0
+            {
+                refund = std::mem::take(&mut lease.tokens);
+                lease.size /= 2;
             }
             if from_lease.is_none() {
                 plan.sent.push(Ask {
@@ -791,6 +818,7 @@ impl Leases {
         for check in checks {
             if let Some(lease) = self.buckets.get_mut(check) {
                 lease.tokens += 1;
+                lease.spent = lease.spent.saturating_sub(1);
                 self.spent -= 1;
             }
         }
@@ -798,7 +826,7 @@ impl Leases {
 
     /// The block to lease for a bucket `checks` checks of this batch spend
     /// from: none while its lease holds tokens (an expired one's go back
-    /// first); twice the last one if the bucket was called for again within
+    /// first) or is being renewed; twice the last one if the bucket was called for again within
     /// [`LEASE_TTL`] (demand emptied its lease, or it was seen once before:
     /// a caller's sequential requests); the last one (halved if it expired
     /// unspent) after that; and for a bucket not seen lately, as many as
@@ -808,12 +836,15 @@ impl Leases {
         if cap < 2 {
             return 0;
         }
-        let seen = self
-            .buckets
-            .get(check)
-            .map(|lease| (lease.tokens, lease.expires, lease.size));
+        let seen = self.buckets.get(check).map(|lease| {
+            (
+                lease.tokens > 0 || lease.renewing,
+                lease.expires,
+                lease.size,
+            )
+        });
         let block = match seen {
-            Some((tokens, ..)) if tokens > 0 => 0,
+            Some((true, ..)) => 0,
             Some((_, expires, size)) if now < expires => size.saturating_mul(2).max(checks),
             Some((.., size)) => size.max(checks),
             None if checks >= 2 && self.room(now) => checks,
@@ -822,6 +853,38 @@ impl Leases {
         let block = block.min(cap);
         // A block of one saves nothing.
         if block < 2 { 0 } else { block }
+    }
+
+    /// The block a due lease is renewed with: what it would spend in half
+    /// the TTL at the rate it has been spent since its latest grant, so
+    /// that blocks are renewed before they expire and rarely expire with
+    /// tokens left. None (and no renewal) under two, or if the lease
+    /// expired or went meanwhile.
+    fn renewal(&mut self, check: &Check, now: Instant) -> u32 {
+        let Some(lease) = self.buckets.get_mut(check) else {
+            return 0;
+        };
+        let granted_at = lease.expires.checked_sub(LEASE_TTL).unwrap_or(now);
+        let elapsed = now
+            .saturating_duration_since(granted_at)
+            .as_micros()
+            .max(1_000);
+        let demand = u128::from(lease.spent) * (LEASE_TTL / 2).as_micros() / elapsed;
+        let block = u32::try_from(demand)
+            .unwrap_or(u32::MAX)
+            .min(lease_cap(check.quota));
+        if now >= lease.expires || block < 2 {
+            lease.renewing = false;
+            return 0;
+        }
+        block
+    }
+
+    /// A renewal that got no answer: the next call for the bucket asks.
+    fn renewal_failed(&mut self, check: &Check) {
+        if let Some(lease) = self.buckets.get_mut(check) {
+            lease.renewing = false;
+        }
     }
 
     /// Whether another bucket may be tracked: expired leases are swept out
@@ -860,9 +923,14 @@ impl Leases {
         if let Some(lease) = self.buckets.get_mut(check) {
             lease.shared_remaining = shared_remaining;
             lease.full_at = full_at;
-            if asked > 0 || lease.tokens == 0 {
-                lease.size = asked.max(1);
+            if asked > 0 {
+                lease.size = asked;
+                lease.spent = 0;
                 lease.tokens += granted;
+                lease.expires = now + LEASE_TTL;
+                lease.renewing = false;
+            } else if lease.tokens == 0 && !lease.renewing {
+                lease.size = 1;
                 lease.expires = now + LEASE_TTL;
             }
         } else if self.room(now) {
@@ -872,8 +940,10 @@ impl Leases {
                     tokens: granted,
                     expires: now + LEASE_TTL,
                     size: asked.max(1),
+                    spent: 0,
                     shared_remaining,
                     full_at,
+                    renewing: false,
                 },
             );
         }
@@ -1020,13 +1090,8 @@ impl Batches {
                 .collect()
         };
         let mut invocation = self.script.prepare_invoke();
-        for (&(check, _, refund), want) in buckets.iter().zip(&asked) {
-            invocation
-                .key(format!("{}{}", self.prefix, check.key))
-                .arg(check.quota.interval_us())
-                .arg(check.quota.burst())
-                .arg(refund)
-                .arg(want);
+        for (&(check, _, refund), &want) in buckets.iter().zip(&asked) {
+            self.bucket(&mut invocation, check, refund, want);
         }
         for group in groups {
             invocation.arg(group.len());
@@ -1048,17 +1113,68 @@ impl Batches {
         let mut leases = self.leases();
         let now = Instant::now();
         for ((&(check, ..), &want), pair) in buckets.iter().zip(&asked).zip(trailer.chunks(2)) {
-            let (Ok(granted), Ok(reset_after_us)) =
-                (u32::try_from(pair[0]), u64::try_from(pair[1]))
-            else {
-                return Err(RateLimitError::Reply(format!("lease {pair:?}")));
-            };
-            if granted > want {
-                return Err(RateLimitError::Reply(format!("{granted} leased of {want}")));
-            }
+            let (granted, reset_after_us) = lease_answer(pair, want)?;
             leases.record(check, want, granted, reset_after_us, now);
         }
         Ok(flat)
+    }
+
+    /// `check`'s bucket into `invocation`: its key, and in `ARGV` its
+    /// quota, what goes back to it and the block asked of it.
+    fn bucket(
+        &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
+        check: &Check,
+        refund: u32,
+        want: u32,
+    ) {
+        invocation
+            .key(format!("{}{}", self.prefix, check.key))
+            .arg(check.quota.interval_us())
+            .arg(check.quota.burst())
+            .arg(refund)
+            .arg(want);
+    }
+
+    /// Leases `check`'s bucket a fresh block: the script with the bucket
+    /// and no checks, bounded like a check's call.
+    async fn renew(&self, check: Check) {
+        let want = self.leases().renewal(&check, Instant::now());
+        if want == 0 {
+            return;
+        }
+        let mut invocation = self.script.prepare_invoke();
+        self.bucket(&mut invocation, &check, 0, want);
+        let mut connection = self.connection.clone();
+        let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
+        let answer = match tokio::time::timeout(PRIMARY_TIMEOUT, call).await {
+            Ok(Ok(pair)) => lease_answer(&pair, want),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(RateLimitError::Timeout(PRIMARY_TIMEOUT)),
+        };
+        let mut leases = self.leases();
+        match answer {
+            Ok((granted, reset_after_us)) => {
+                leases.record(&check, want, granted, reset_after_us, Instant::now());
+            }
+            Err(_) => leases.renewal_failed(&check),
+        }
+    }
+}
+
+/// The `{leased, reset_after_us}` pair the script answers for a bucket
+/// asked for a block of `want`.
+fn lease_answer(pair: &[i64], want: u32) -> Result<(u32, u64), RateLimitError> {
+    match *pair {
+        [granted, reset_after_us] => {
+            match (u32::try_from(granted), u64::try_from(reset_after_us)) {
+                (Ok(granted), Ok(reset_after_us)) if granted <= want => {
+                    Ok((granted, reset_after_us))
+                }
+                _ => Err(RateLimitError::Reply(format!("lease {pair:?} of {want}"))),
+            }
+        }
+        _ => Err(RateLimitError::Reply(format!("lease {pair:?}"))),
     }
 }
 
@@ -1109,11 +1225,22 @@ fn decode(
 #[async_trait]
 impl SharedLimiter for RedisLimiter {
     fn try_leased(&self, checks: &Checks) -> Option<Decision> {
-        self.batches.leases().spend(checks, Instant::now())
+        let (decision, due) = {
+            let mut leases = self.batches.leases();
+            let decision = leases.spend(checks, Instant::now());
+            (decision, std::mem::take(&mut leases.due))
+        };
+        self.renew(due);
+        decision
     }
 
     async fn try_check(&self, checks: &Checks) -> Result<Decision, RateLimitError> {
-        let Plan { sent, leased } = self.batches.leases().plan(checks, Instant::now());
+        let (Plan { sent, leased }, due) = {
+            let mut leases = self.batches.leases();
+            let plan = leases.plan(checks, Instant::now());
+            (plan, std::mem::take(&mut leases.due))
+        };
+        self.renew(due);
         let group = if sent.is_empty() {
             Ok(Vec::new())
         } else {
@@ -1906,6 +2033,9 @@ mod tests {
         for _ in 0..6 {
             leases.spend(&checks, t0).expect("a leased token");
         }
+        // Due for renewal on the way down; say that got no answer.
+        assert_eq!(leases.due, std::slice::from_ref(&check));
+        leases.renewal_failed(&check);
         let mut size = 6;
         while size < 100 {
             size = (2 * size).min(100);
@@ -1955,6 +2085,37 @@ mod tests {
         let twice = hot_only.clone().then(check.key.clone(), check.quota);
         assert_eq!(leases.spend(&twice, now), None);
         assert_eq!(leases.buckets[&check].tokens, 1);
+    }
+
+    #[test]
+    fn a_lease_down_to_half_its_block_is_renewed_once() {
+        let (check, checks) = hot();
+        let mut leases = Leases::default();
+        let t0 = Instant::now();
+        leases.record(&check, 8, 8, 0, t0);
+        for _ in 0..3 {
+            leases.spend(&checks, t0).expect("a leased token");
+        }
+        assert!(leases.due.is_empty(), "five of eight left");
+        leases.spend(&checks, t0).expect("a leased token");
+        assert_eq!(leases.due, std::slice::from_ref(&check), "half left");
+        leases.spend(&checks, t0).expect("a leased token");
+        assert_eq!(leases.due.len(), 1, "due once");
+        assert_eq!(leases.want(&check, 5, t0), 0, "being renewed");
+
+        // Five spent since the grant: sized for half the TTL at that rate
+        // (the elapsed time counted as at least 1 ms), up to the cap.
+        assert_eq!(leases.renewal(&check, t0), 100);
+        assert_eq!(leases.renewal(&check, t0 + LEASE_TTL / 2), 5);
+        assert_eq!(leases.renewal(&check, t0 + LEASE_TTL * 3 / 4), 3);
+        leases.record(&check, 16, 16, 0, t0);
+        let lease = &leases.buckets[&check];
+        assert_eq!((lease.tokens, lease.size, lease.renewing), (19, 16, false));
+
+        // A lease that expired before its renewal went out is not renewed.
+        leases.buckets.get_mut(&check).expect("leased").renewing = true;
+        assert_eq!(leases.renewal(&check, t0 + LEASE_TTL), 0);
+        assert!(!leases.buckets[&check].renewing);
     }
 
     #[test]
@@ -2135,6 +2296,36 @@ mod tests {
         clean_up(&redis).await;
     }
 
+    /// A bucket leasing one a second from 1,600 (blocks up to 100): nothing
+    /// refills while a test runs.
+    fn slow(key: &str) -> Check {
+        Check {
+            key: key.to_owned(),
+            quota: Quota::new(1, 1_600),
+        }
+    }
+
+    /// `checks` checks on `check`'s bucket in one batch, which makes it hot
+    /// (a block of as many leased, if it held no lease): the tokens held.
+    async fn lease(limiter: &RedisLimiter, check: &Check, checks: usize) -> u32 {
+        let asks: Vec<Vec<Ask>> = (0..checks)
+            .map(|_| {
+                vec![Ask {
+                    check: check.clone(),
+                    refund: 0,
+                }]
+            })
+            .collect();
+        let groups: Vec<&[Ask]> = asks.iter().map(Vec::as_slice).collect();
+        let flat = limiter
+            .batches
+            .invoke(&groups)
+            .await
+            .expect("Redis answers");
+        assert_eq!(flat.len(), 3 * checks, "the checks' triples");
+        limiter.batches.leases().buckets[check].tokens
+    }
+
     /// Tokens a replica leased and did not spend go back to the shared
     /// bucket once the lease expires: the bucket ends as if they had never
     /// been leased.
@@ -2143,26 +2334,9 @@ mod tests {
         let prefix = unique_prefix();
         let redis = connect(&redis_url(), &prefix).await;
         let limiter = RedisLimiter::new(&redis);
-        // One a second: nothing refills while the test runs.
-        let quota = Quota::new(1, 1_600);
-        let check = Check {
-            key: "ip:hot".to_owned(),
-            quota,
-        };
-        let checks = one("ip:hot", quota);
-        // Two checks in one batch make the bucket hot: two more leased.
-        let ask = || Ask {
-            check: check.clone(),
-            refund: 0,
-        };
-        let (first, second) = (vec![ask()], vec![ask()]);
-        let flat = limiter
-            .batches
-            .invoke(&[&first, &second])
-            .await
-            .expect("Redis answers");
-        assert_eq!(flat.len(), 6, "the checks' triples, the lease taken out");
-        assert_eq!(limiter.batches.leases().buckets[&check].tokens, 2);
+        let check = slow("ip:hot");
+        let checks = one(&check.key, check.quota);
+        assert_eq!(lease(&limiter, &check, 2).await, 2);
         let held = limiter.try_leased(&checks).expect("a leased token");
         assert_eq!(held.remaining, 1_596 + 1, "1,596 in Redis, one held");
         assert_eq!(limiter.leased_checks(), 1);
@@ -2181,6 +2355,36 @@ mod tests {
         clean_up(&redis).await;
     }
 
+    /// The request that takes a lease down to half its block does not
+    /// wait: a renewal goes out behind it and tops the lease up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_low_lease_is_renewed_in_the_background() {
+        let prefix = unique_prefix();
+        let redis = connect(&redis_url(), &prefix).await;
+        let limiter = RedisLimiter::new(&redis);
+        let check = slow("ip:busy");
+        assert_eq!(lease(&limiter, &check, 8).await, 8);
+        let tokens = || limiter.batches.leases().buckets[&check].tokens;
+        let checks = one(&check.key, check.quota);
+        for _ in 0..6 {
+            assert!(limiter.try_leased(&checks).expect("leased").allowed);
+        }
+        let waited = Instant::now();
+        while tokens() == 2 {
+            assert!(waited.elapsed() < Duration::from_secs(5), "never renewed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Whatever the renewal brought, the two left are kept, and what
+        // the bucket could still admit is the same: 1,600 less 8 checks
+        // and 7 leased tokens spent.
+        assert!(tokens() > 2);
+        let probe = limiter.try_check(&checks).await.expect("Redis answers");
+        assert!(probe.allowed);
+        assert_eq!(probe.remaining, 1_600 - 8 - 7);
+        assert_eq!(limiter.leased_checks(), 7);
+        clean_up(&redis).await;
+    }
+
     /// A request whose IP bucket is leased here and whose user bucket is
     /// not: the IP's token is spent here and only the user's check goes to
     /// Redis. In order, as ever: the IP's token stays spent when the user
@@ -2191,45 +2395,31 @@ mod tests {
         let prefix = unique_prefix();
         let redis = connect(&redis_url(), &prefix).await;
         let limiter = RedisLimiter::new(&redis);
-        let ip = Check {
-            key: "ip:mixed".to_owned(),
-            quota: Quota::new(1, 1_600),
-        };
-        let lease = || async {
-            let ask = || Ask {
-                check: ip.clone(),
-                refund: 0,
-            };
-            let (first, second) = (vec![ask()], vec![ask()]);
-            limiter
-                .batches
-                .invoke(&[&first, &second])
-                .await
-                .expect("Redis answers");
-            limiter.batches.leases().buckets[&ip].tokens
-        };
-        let tokens = || limiter.batches.leases().buckets[&ip].tokens;
         let user = Quota::new(1, 1);
-
-        assert_eq!(lease().await, 2);
+        // Blocks of 8: one request at a time leaves them above half, so no
+        // renewal runs behind the test's back.
+        let ip = slow("ip:a");
+        let tokens = || limiter.batches.leases().buckets[&ip].tokens;
+        assert_eq!(lease(&limiter, &ip, 8).await, 8);
         let ip_then_user = one(&ip.key, ip.quota).then("user:a".to_owned(), user);
         let admitted = limiter.try_check(&ip_then_user).await.expect("Redis");
         assert!(admitted.allowed);
         assert_eq!((admitted.limit, admitted.remaining), (1, 0), "the user's");
-        assert_eq!(tokens(), 1);
+        assert_eq!(tokens(), 7);
         let refused = limiter.try_check(&ip_then_user).await.expect("Redis");
         assert!(!refused.allowed);
-        assert_eq!(tokens(), 0, "taken before the refusal");
+        assert_eq!(tokens(), 6, "taken before the refusal");
 
-        // Emptied within the TTL: the block doubles.
-        assert_eq!(lease().await, 4);
+        let ip = slow("ip:b");
+        let tokens = || limiter.batches.leases().buckets[&ip].tokens;
+        assert_eq!(lease(&limiter, &ip, 8).await, 8);
         let user_then_ip = one("user:b", user).then(ip.key.clone(), ip.quota);
         let admitted = limiter.try_check(&user_then_ip).await.expect("Redis");
         assert!(admitted.allowed);
-        assert_eq!(tokens(), 3);
+        assert_eq!(tokens(), 7);
         let refused = limiter.try_check(&user_then_ip).await.expect("Redis");
         assert!(!refused.allowed);
-        assert_eq!(tokens(), 3, "not reached, so given back");
+        assert_eq!(tokens(), 7, "not reached, so given back");
         assert_eq!(limiter.leased_checks(), 3);
         clean_up(&redis).await;
     }
