@@ -1882,8 +1882,14 @@ mod tests {
 
     /// Three buckets where only the middle one runs out, spent `requests`
     /// times at once; `refills` bounds what the 1/s rate may add while the
-    /// requests ran.
-    async fn race_on_one_user(limiter: Arc<dyn RateLimiter>, requests: u32, burst: u32) {
+    /// requests ran, and `unspent` what may be left unspent in a lease when
+    /// they end (none in process).
+    async fn race_on_one_user(
+        limiter: Arc<dyn RateLimiter>,
+        requests: u32,
+        burst: u32,
+        unspent: u32,
+    ) {
         let roomy = Quota::new(1, 2 * requests);
         let tight = Quota::new(1, burst);
         let group = one("ip:race", roomy)
@@ -1910,7 +1916,10 @@ mod tests {
         let route_left = limiter.check(&one("route:race", roomy)).await.remaining;
         let refills = u32::try_from(started.elapsed().as_secs()).expect("seconds");
         let within = |actual: u32, expected: u32| (expected..=expected + refills).contains(&actual);
-        assert!(within(admitted, burst), "{admitted} of {requests} admitted");
+        assert!(
+            (burst - unspent..=burst + refills).contains(&admitted),
+            "{admitted} of {requests} admitted"
+        );
         // Every request spent from the IP's bucket, only the admitted ones
         // (and each probe) from the route's.
         assert!(within(ip_left, requests - 1), "{ip_left} left for the IP");
@@ -1944,7 +1953,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn local_races_admit_exactly_the_burst() {
-        race_on_one_user(Arc::new(LocalLimiter::default()), 4_000, 1_000).await;
+        race_on_one_user(Arc::new(LocalLimiter::default()), 4_000, 1_000, 0).await;
     }
 
     #[tokio::test]
@@ -2175,14 +2184,17 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn redis_races_admit_exactly_the_burst_in_few_calls() {
+    async fn redis_races_admit_at_most_the_burst_in_few_calls() {
         let prefix = unique_prefix();
         let redis = connect(&redis_url(), &prefix).await;
         let limiter = Arc::new(patient(&redis));
         let requests = 4_000;
         let calls_before = command_calls(&redis, "evalsha").await;
         let writes_before = command_calls(&redis, "set").await;
-        race_on_one_user(limiter.clone(), requests, 1_000).await;
+        // A renewal that leased the user's last tokens as the requests ran
+        // out may leave them unspent: at most a block.
+        let unspent = lease_cap(Quota::new(1, 1_000));
+        race_on_one_user(limiter.clone(), requests, 1_000, unspent).await;
         let calls = command_calls(&redis, "evalsha").await - calls_before;
         let writes = command_calls(&redis, "set").await - writes_before;
         assert_eq!(limiter.degraded_checks(), 0);
