@@ -23,7 +23,7 @@ use tonic::{
 
 use crate::{
     bare_hop, procfs,
-    run::{Outcome, Row, ms_at, run},
+    run::{Outcome, Row, median, ms_at, run},
     stack::{Backends, Mode, Stack, UNTHROTTLED},
 };
 
@@ -36,6 +36,8 @@ pub struct GatewayOptions {
     pub sse_parallel: usize,
     /// Run the stack without Redis: in-process rate limits and cache.
     pub no_redis: bool,
+    /// Times every row is measured, in turn.
+    pub rounds: usize,
 }
 
 pub async fn gateway(backends: &Backends, options: &GatewayOptions) -> anyhow::Result<()> {
@@ -160,94 +162,107 @@ async fn bench(stack: &Stack, options: &GatewayOptions) -> anyhow::Result<()> {
     let bearer_str = bearer.to_str()?.to_owned();
 
     // GetDeal, cache-hot: one call first so the deal is cached.
-    let catalog = stack.catalog_clients(options.grpc_channels).await?;
+    let catalog = Arc::new(stack.catalog_clients(options.grpc_channels).await?);
     catalog[0]
         .clone()
         .get_deal(GetDealRequest { id: deal.clone() })
         .await?;
-    rows.push(
-        measure(
-            pid,
-            &mut redis,
-            Edge::Gateway(edge_pid),
-            "GetDeal",
-            options,
-            http(format!("http://{gateway}{deal_path}"), None),
-        )
-        .await?,
-    );
-    rows.push(
-        measure(pid, &mut redis, Edge::InProcess, "GetDeal", options, {
-            http(format!("http://{in_process}{deal_path}"), None)
-        })
-        .await?,
-    );
-    rows.push(
-        measure(pid, &mut redis, Edge::Direct, "GetDeal", options, {
-            let (catalog, deal) = (Arc::new(catalog), Arc::new(deal.clone()));
-            move |i: usize| {
-                let mut client = catalog[i % catalog.len()].clone();
-                let id = deal.as_ref().clone();
-                async move {
-                    client.get_deal(GetDealRequest { id }).await?;
-                    Ok::<_, Status>(Outcome::Ok { units: 0 })
-                }
-            }
-        })
-        .await?,
-    );
-    rows.push(
-        measure(pid, &mut redis, Edge::BareHop, "GetDeal", options, {
-            http(format!("http://{}{hop_deal_path}", hop.addr), None)
-        })
-        .await?,
-    );
-
-    // GetMe with a signed-up user's token.
+    let deal = Arc::new(deal.clone());
     let auth = Arc::new(stack.auth_clients(options.grpc_channels).await?);
-    rows.push(
-        measure(
-            pid,
-            &mut redis,
-            Edge::Gateway(edge_pid),
-            "GetMe",
-            options,
-            http(format!("http://{gateway}/v1/me"), Some(bearer_str.clone())),
-        )
-        .await?,
-    );
-    rows.push(
-        measure(pid, &mut redis, Edge::InProcess, "GetMe", options, {
-            http(
-                format!("http://{in_process}/v1/me"),
-                Some(bearer_str.clone()),
+    // Every row once per round, in the same order: the ratios are taken
+    // within a round, so a slow spell of the machine moves both sides.
+    for round in 1..=options.rounds {
+        rows.push((
+            round,
+            measure(
+                pid,
+                &mut redis,
+                Edge::Gateway(edge_pid),
+                "GetDeal",
+                options,
+                http(format!("http://{gateway}{deal_path}"), None),
             )
-        })
-        .await?,
-    );
-    rows.push(
-        measure(pid, &mut redis, Edge::Direct, "GetMe", options, {
-            let bearer: MetadataValue<Ascii> = bearer.clone();
-            move |i: usize| {
-                let mut client = auth[i % auth.len()].clone();
-                let mut request = Request::new(GetMeRequest {});
-                request
-                    .metadata_mut()
-                    .insert("authorization", bearer.clone());
-                async move {
-                    client.get_me(request).await?;
-                    Ok::<_, Status>(Outcome::Ok { units: 0 })
+            .await?,
+        ));
+        rows.push((
+            round,
+            measure(pid, &mut redis, Edge::InProcess, "GetDeal", options, {
+                http(format!("http://{in_process}{deal_path}"), None)
+            })
+            .await?,
+        ));
+        rows.push((
+            round,
+            measure(pid, &mut redis, Edge::Direct, "GetDeal", options, {
+                let (catalog, deal) = (catalog.clone(), deal.clone());
+                move |i: usize| {
+                    let mut client = catalog[i % catalog.len()].clone();
+                    let id = deal.as_ref().clone();
+                    async move {
+                        client.get_deal(GetDealRequest { id }).await?;
+                        Ok::<_, Status>(Outcome::Ok { units: 0 })
+                    }
                 }
-            }
-        })
-        .await?,
-    );
-    rows.push(
-        measure(pid, &mut redis, Edge::BareHop, "GetMe", options, {
-            http(format!("http://{}/me", hop.addr), Some(bearer_str.clone()))
-        })
-        .await?,
-    );
+            })
+            .await?,
+        ));
+        rows.push((
+            round,
+            measure(pid, &mut redis, Edge::BareHop, "GetDeal", options, {
+                http(format!("http://{}{hop_deal_path}", hop.addr), None)
+            })
+            .await?,
+        ));
+
+        // GetMe with a signed-up user's token.
+        rows.push((
+            round,
+            measure(
+                pid,
+                &mut redis,
+                Edge::Gateway(edge_pid),
+                "GetMe",
+                options,
+                http(format!("http://{gateway}/v1/me"), Some(bearer_str.clone())),
+            )
+            .await?,
+        ));
+        rows.push((
+            round,
+            measure(pid, &mut redis, Edge::InProcess, "GetMe", options, {
+                http(
+                    format!("http://{in_process}/v1/me"),
+                    Some(bearer_str.clone()),
+                )
+            })
+            .await?,
+        ));
+        rows.push((
+            round,
+            measure(pid, &mut redis, Edge::Direct, "GetMe", options, {
+                let (auth, bearer): (_, MetadataValue<Ascii>) = (auth.clone(), bearer.clone());
+                move |i: usize| {
+                    let mut client = auth[i % auth.len()].clone();
+                    let mut request = Request::new(GetMeRequest {});
+                    request
+                        .metadata_mut()
+                        .insert("authorization", bearer.clone());
+                    async move {
+                        client.get_me(request).await?;
+                        Ok::<_, Status>(Outcome::Ok { units: 0 })
+                    }
+                }
+            })
+            .await?,
+        ));
+        rows.push((
+            round,
+            measure(pid, &mut redis, Edge::BareHop, "GetMe", options, {
+                http(format!("http://{}/me", hop.addr), Some(bearer_str.clone()))
+            })
+            .await?,
+        ));
+    }
     drop(hop);
     drop(edge);
 
@@ -473,11 +488,12 @@ fn rss_kib(pids: [u32; 2]) -> anyhow::Result<[u64; 2]> {
     Ok([procfs::rss_kib(pids[0])?, procfs::rss_kib(pids[1])?])
 }
 
-fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
+fn print_report(options: &GatewayOptions, rows: &[(usize, Measured)], sse: &SseMemory) {
     let tick_us = 1e6 / procfs::ticks_per_second();
     println!(
-        "flashmesh-loadtest gateway --duration {:?} --callers {} --grpc-channels {} --hop-threads {} --sse {}{}\n",
+        "flashmesh-loadtest gateway --duration {:?} --rounds {} --callers {} --grpc-channels {} --hop-threads {} --sse {}{}\n",
         options.duration,
+        options.rounds,
         options.callers,
         options.grpc_channels,
         options.hop_threads,
@@ -485,10 +501,10 @@ fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
         if options.no_redis { " --no-redis" } else { "" },
     );
     println!(
-        "| RPC | via | callers | requests/s | p50 ms | p99 ms | errors | edge CPU µs/req (gateway process or hop threads) | `flashmesh up` CPU µs/req | loadtest process CPU µs/req | Redis CPU µs/req |"
+        "| round | RPC | via | callers | requests/s | p50 ms | p99 ms | errors | edge CPU µs/req (gateway process or hop threads) | `flashmesh up` CPU µs/req | loadtest process CPU µs/req | Redis CPU µs/req |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for m in rows {
+    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (round, m) in rows {
         let row = &m.row;
         let per = |ticks: u64| ticks as f64 * tick_us / row.ok.max(1) as f64;
         let rpc = row.scenario.split(' ').next().unwrap_or_default();
@@ -502,7 +518,7 @@ fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
             |cpu| format!("{:.1}", cpu.as_secs_f64() * 1e6 / row.ok.max(1) as f64),
         );
         println!(
-            "| {rpc} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {edge} | {:.1} | {:.1} | {redis} |",
+            "| {round} | {rpc} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {edge} | {:.1} | {:.1} | {redis} |",
             m.target,
             row.callers,
             row.ok_throughput(),
@@ -514,20 +530,29 @@ fn print_report(options: &GatewayOptions, rows: &[Measured], sse: &SseMemory) {
         );
     }
     println!();
-    println!("| RPC | gateway / bare hop throughput | gateway / direct gRPC |");
-    println!("| --- | ---: | ---: |");
+    println!(
+        "| RPC | gateway / bare hop throughput, per round | median | gateway / direct gRPC, median |"
+    );
+    println!("| --- | --- | ---: | ---: |");
     for rpc in ["GetDeal", "GetMe"] {
-        let find = |target: &str| {
-            rows.iter()
-                .find(|m| m.target == target && m.row.scenario.starts_with(rpc))
-                .map(|m| m.row.ok_throughput())
-                .unwrap_or(0.0)
+        let ratio = |round: usize, over: &str| {
+            let find = |target: &str| {
+                rows.iter()
+                    .find(|(r, m)| {
+                        *r == round && m.target == target && m.row.scenario.starts_with(rpc)
+                    })
+                    .map_or(0.0, |(_, m)| m.row.ok_throughput())
+            };
+            find("gateway") / find(over).max(f64::MIN_POSITIVE)
         };
-        let (gateway, direct, hop) = (find("gateway"), find("direct gRPC"), find("bare hop"));
+        let over_hop: Vec<f64> = (1..=options.rounds).map(|r| ratio(r, "bare hop")).collect();
+        let listed: Vec<String> = over_hop.iter().map(|r| format!("{r:.2}")).collect();
+        let over_direct = (1..=options.rounds).map(|r| ratio(r, "direct gRPC"));
         println!(
-            "| {rpc} | {:.2} | {:.2} |",
-            gateway / hop.max(f64::MIN_POSITIVE),
-            gateway / direct.max(f64::MIN_POSITIVE)
+            "| {rpc} | {} | {:.2} | {:.2} |",
+            listed.join(", "),
+            median(over_hop).unwrap_or(f64::NAN),
+            median(over_direct).unwrap_or(f64::NAN),
         );
     }
     println!();

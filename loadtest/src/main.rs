@@ -103,6 +103,10 @@ enum Bench {
         /// Without Redis: in-process rate limits and cache.
         #[arg(long)]
         no_redis: bool,
+        /// Times every row is measured, in turn; the ratios are medians of
+        /// each round's.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Cache-hot GET /v1/deals/{id} through the gateway with trace export
     /// off, on at 100% and on at 10% sampling (to an in-process OTLP sink),
@@ -227,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
             sse,
             sse_parallel,
             no_redis,
+            rounds,
         } => {
             let options = gateway::GatewayOptions {
                 duration,
@@ -236,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
                 sse,
                 sse_parallel,
                 no_redis,
+                rounds: rounds.max(1),
             };
             gateway::gateway(&backends, &options).await
         }

@@ -195,6 +195,19 @@ fn latency_histogram() -> Histogram<u64> {
 }
 
 /// Milliseconds at quantile `q`.
+/// The median of `values` (`None` if there are none): over several rounds,
+/// the round a disturbance hit moves it least.
+pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
 pub fn ms_at(histogram: &Histogram<u64>, q: f64) -> f64 {
     histogram.value_at_quantile(q) as f64 / 1000.0
 }

@@ -37,7 +37,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::{
     gateway::http_callers,
     procfs::{process_cpu_ticks, ticks_per_second},
-    run::{Row, ms_at, run},
+    run::{Row, median, ms_at, run},
     stack::{Backends, Mode, Stack, UNTHROTTLED},
 };
 
@@ -295,13 +295,7 @@ fn print_report(options: &TracingOptions, measured: &[Measured], layer: &LayerCo
     // The median: a run disturbed by other work on the machine moves it
     // least.
     let median = |mode: usize, f: &dyn Fn(&Measured) -> f64| {
-        let mut values: Vec<f64> = measured.iter().filter(|m| m.mode == mode).map(f).collect();
-        values.sort_by(f64::total_cmp);
-        match values.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => values[n / 2],
-            n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-        }
+        median(measured.iter().filter(|m| m.mode == mode).map(f)).unwrap_or(f64::NAN)
     };
     let off_rps = median(0, &|m| m.row.ok_throughput());
     let off_cpu = median(0, &|m| m.server_us_per_request);

@@ -204,17 +204,9 @@ impl Summary {
     }
 }
 
-/// The median of `f` over `items` (`None` if there are none): over
-/// several rounds, the round a disturbance hit moves it least.
+/// The median of `f` over `items` (`None` if there are none).
 pub(super) fn median<T>(items: &[&T], f: &dyn Fn(&T) -> f64) -> Option<f64> {
-    let mut values: Vec<f64> = items.iter().map(|item| f(item)).collect();
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-    }
+    crate::run::median(items.iter().map(|item| f(item)))
 }
 
 /// The short commit of the working tree, `-dirty` if it has changes.
