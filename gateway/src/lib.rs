@@ -109,7 +109,7 @@ impl GatewayApp {
         let gateway = Gateway::new(
             routes,
             auth,
-            rate_limit::limiter(redis),
+            rate_limit::limiter(redis, telemetry.metrics()),
             config,
             platform.dns_refresh,
             platform.transport,

@@ -61,9 +61,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use flashmesh_platform::redis::RedisHandle;
+use flashmesh_platform::{metrics::Metrics, redis::RedisHandle};
 use hashbrown::HashTable;
 use http::{HeaderName, HeaderValue, StatusCode, header};
+use prometheus_client::metrics::counter::Counter;
 use redis::aio::ConnectionManager;
 use tokio::sync::oneshot;
 
@@ -287,11 +288,49 @@ pub trait RateLimiter: Send + Sync {
 }
 
 /// The limiter the configuration asks for: Redis-backed, falling back to the
-/// process when Redis fails, when `REDIS_URL` is set; in process otherwise.
-pub fn limiter(redis: Option<&RedisHandle>) -> Arc<dyn RateLimiter> {
+/// process when Redis fails, when `REDIS_URL` is set (its answers counted
+/// in `metrics`); in process otherwise.
+pub fn limiter(redis: Option<&RedisHandle>, metrics: &Metrics) -> Arc<dyn RateLimiter> {
     match redis {
-        Some(redis) => Arc::new(FallbackLimiter::new(RedisLimiter::new(redis))),
+        Some(redis) => {
+            Arc::new(FallbackLimiter::new(RedisLimiter::new(redis)).counted(Answered::new(metrics)))
+        }
         None => Arc::new(LocalLimiter::default()),
+    }
+}
+
+/// Requests whose checks the shared limiter answered, by what answered
+/// them: `flashmesh_rate_limit_checks_total{answered_by}`, `redis` (a round
+/// trip), `lease` (tokens leased to this replica) or `fallback` (the
+/// process's own buckets, Redis failing). Unregistered by default.
+#[derive(Clone, Debug, Default)]
+pub struct Answered {
+    redis: Counter,
+    lease: Counter,
+    fallback: Counter,
+}
+
+impl Answered {
+    pub fn new(metrics: &Metrics) -> Self {
+        let family = metrics.counter_family::<1>(
+            "flashmesh_rate_limit_checks",
+            "Requests whose rate limits the Redis-backed limiter answered, by what answered them: redis (a round trip), lease (tokens leased to this replica), fallback (in-process buckets while Redis fails)",
+        );
+        // One statement each: the family's read guard lives to the end of
+        // the statement, and creating the next label set needs its write lock.
+        let by = |name: &str| {
+            family
+                .get_or_create(&[("answered_by", name.to_owned())])
+                .clone()
+        };
+        let redis = by("redis");
+        let lease = by("lease");
+        let fallback = by("fallback");
+        Self {
+            redis,
+            lease,
+            fallback,
+        }
     }
 }
 
@@ -1286,7 +1325,7 @@ pub struct FallbackLimiter<P = RedisLimiter> {
     epoch: Instant,
     /// µs since `epoch` before which the primary is not tried.
     skip_primary_until_us: AtomicU64,
-    degraded: AtomicU64,
+    answered: Answered,
     last_warning: Mutex<Option<Instant>>,
 }
 
@@ -1305,15 +1344,22 @@ impl<P: SharedLimiter> FallbackLimiter<P> {
             retry_interval,
             epoch: Instant::now(),
             skip_primary_until_us: AtomicU64::new(0),
-            degraded: AtomicU64::new(0),
+            answered: Answered::default(),
             last_warning: Mutex::new(None),
         }
+    }
+
+    /// `self`, counting its answers in `answered`.
+    #[must_use]
+    pub fn counted(mut self, answered: Answered) -> Self {
+        self.answered = answered;
+        self
     }
 
     /// Requests (check groups) the local limiter answered because the
     /// primary failed, timed out, or was being left alone after a failure.
     pub fn degraded_checks(&self) -> u64 {
-        self.degraded.load(Ordering::Relaxed)
+        self.answered.fallback.get()
     }
 
     fn now_us(&self) -> u64 {
@@ -1347,6 +1393,7 @@ impl<P: SharedLimiter> FallbackLimiter<P> {
 impl<P: SharedLimiter> RateLimiter for FallbackLimiter<P> {
     async fn check(&self, checks: &Checks) -> Decision {
         if let Some(decision) = self.primary.try_leased(checks) {
+            self.answered.lease.inc();
             return decision;
         }
         if self.now_us() >= self.skip_primary_until_us.load(Ordering::Relaxed) {
@@ -1354,14 +1401,17 @@ impl<P: SharedLimiter> RateLimiter for FallbackLimiter<P> {
                 .await
                 .unwrap_or(Err(RateLimitError::Timeout(self.timeout)));
             match answer {
-                Ok(decision) => return decision,
+                Ok(decision) => {
+                    self.answered.redis.inc();
+                    return decision;
+                }
                 Err(error) => {
-                    self.degraded.fetch_add(1, Ordering::Relaxed);
+                    self.answered.fallback.inc();
                     self.primary_failed(&error);
                 }
             }
         } else {
-            self.degraded.fetch_add(1, Ordering::Relaxed);
+            self.answered.fallback.inc();
         }
         self.fallback.check_now(checks)
     }
@@ -1514,7 +1564,7 @@ mod tests {
 
     #[tokio::test]
     async fn limiter_without_redis_is_local() {
-        let limiter = limiter(None);
+        let limiter = limiter(None, &Metrics::default());
         let quota = Quota::new(1, 1);
         assert!(limiter.check(&one("k", quota)).await.allowed);
         assert!(!limiter.check(&one("k", quota)).await.allowed);
@@ -1636,7 +1686,7 @@ mod tests {
         let quota = Quota::new(1, 2);
         assert!(fallback.check(&one("k", quota)).await.allowed);
         // A second replica sees the spend.
-        let other = limiter(Some(&redis));
+        let other = limiter(Some(&redis), &Metrics::default());
         assert!(other.check(&one("k", quota)).await.allowed);
         assert!(!fallback.check(&one("k", quota)).await.allowed);
         assert_eq!(fallback.degraded_checks(), 0);
@@ -2485,17 +2535,33 @@ mod tests {
         assert!(decode(&two, &first_leased, &[2, 0, 0]).is_err());
     }
 
+    /// `flashmesh_rate_limit_checks_total{answered_by=by}` as `metrics`
+    /// renders it.
+    fn answered(metrics: &Metrics, by: &str) -> u64 {
+        let series = format!("flashmesh_rate_limit_checks_total{{answered_by=\"{by}\"}} ");
+        metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .and_then(|count| count.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {}", metrics.render()))
+    }
+
     /// `requests` checks at once on one key (burst 100) through a limiter
     /// whose Redis fails in the way `cut` does after the first wave: the
     /// first wave is answered by Redis, every check of the second by fresh
     /// local buckets, within the bound.
     async fn redis_going_away_mid_run(cut: impl FnOnce(&FaultyProxy)) {
         let (direct, proxy, proxied) = redis_behind_proxy().await;
-        let limiter = Arc::new(FallbackLimiter::with_timeouts(
-            RedisLimiter::new(&proxied),
-            Duration::from_millis(500),
-            PRIMARY_RETRY_INTERVAL,
-        ));
+        let metrics = Metrics::default();
+        let limiter = Arc::new(
+            FallbackLimiter::with_timeouts(
+                RedisLimiter::new(&proxied),
+                Duration::from_millis(500),
+                PRIMARY_RETRY_INTERVAL,
+            )
+            .counted(Answered::new(&metrics)),
+        );
         let quota = Quota::new(1, 100);
         let wave = || {
             let checks: Vec<_> = (0..1_000)
@@ -2514,11 +2580,14 @@ mod tests {
         };
         assert_eq!(wave().await, 100);
         assert_eq!(limiter.degraded_checks(), 0);
+        let (redis, lease) = (answered(&metrics, "redis"), answered(&metrics, "lease"));
+        assert_eq!(redis + lease, 1_000, "each request counted once");
 
         cut(&proxy);
         let started = Instant::now();
         assert_eq!(wave().await, 100, "a fresh local bucket, spent exactly");
         assert_eq!(limiter.degraded_checks(), 1_000);
+        assert_eq!(answered(&metrics, "fallback"), 1_000, "on /metrics too");
         assert!(
             started.elapsed() < Duration::from_secs(3),
             "{:?}",
