@@ -443,6 +443,7 @@ fn check_deployment_files(scrape: &prometheus_parse::Scrape) {
         "FlashmeshDeadLettersGrowing",
         "FlashmeshOutboxLagging",
         "FlashmeshCacheHitRatioDropped",
+        "FlashmeshRateLimitsDegraded",
     ] {
         assert!(rules.contains_key(alert), "alerts.yml has {alert}");
     }
