@@ -28,6 +28,8 @@ const ORDER: &str = "flashmesh-order";
 const CATALOG: &str = "flashmesh-catalog";
 const PLACE_ORDER: &str = "flashmesh.order.v1.OrderService/PlaceOrder";
 const RESERVE_STOCK: &str = "flashmesh.catalog.v1.CatalogService/ReserveStock";
+/// The order events' consumer groups, each with a span per event.
+const CONSUMER_GROUPS: [&str; 2] = ["deal-sales-counter", "order-status-projector"];
 
 /// OTLP span kinds.
 const SERVER: i32 = 2;
@@ -79,10 +81,16 @@ async fn one_order_is_one_trace_and_counted_once(backend: Backend) {
                 .iter()
                 .filter(in_trace)
                 .any(|s| s.service == CATALOG && s.name == RESERVE_STOCK);
-            let consumed = spans.iter().any(|s| {
-                s.kind == CONSUMER && s.links.iter().any(|(trace, _)| *trace == edge.trace_id)
-            });
-            placed && reserved && consumed
+            // Each consumer group exports its span in its own batch: wait
+            // for both.
+            let consumed: BTreeSet<&str> = spans
+                .iter()
+                .filter(|s| {
+                    s.kind == CONSUMER && s.links.iter().any(|(trace, _)| *trace == edge.trace_id)
+                })
+                .map(|s| s.name.as_str())
+                .collect();
+            placed && reserved && consumed.len() == CONSUMER_GROUPS.len()
         })
         .await;
     let edge = find(&spans, GATEWAY, "POST /v1/orders", SERVER).expect("the edge span");
@@ -151,10 +159,7 @@ async fn one_order_is_one_trace_and_counted_once(backend: Backend) {
         );
     }
     let groups: BTreeSet<&str> = consumers.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(
-        groups,
-        BTreeSet::from(["deal-sales-counter", "order-status-projector"])
-    );
+    assert_eq!(groups, BTreeSet::from(CONSUMER_GROUPS));
 
     // --- The request counted once, under the right labels, on the admin port.
     let text = reqwest::get(format!("http://{admin_addr}/metrics"))
