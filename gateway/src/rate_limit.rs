@@ -619,13 +619,15 @@ const MAX_LEASED_BUCKETS: usize = 4096;
 /// spend from, or that is called for again within [`LEASE_TTL`] (one
 /// caller's back-to-back requests), is hot, and the call also leases a
 /// block of its tokens to this replica: they leave the shared bucket at
-/// once, and the requests that follow spend them here without waiting. The block doubles while
-/// demand empties it within [`LEASE_TTL`] and halves when it expires with
-/// tokens left, which go back to the shared bucket. What a lease changes:
-/// another replica may be refused while this one holds tokens (at most a
-/// lease each), and an answer from a lease reports `RateLimit-Remaining`
-/// as of the latest call plus the tokens still held. What it keeps: no
-/// replica admits a request the shared bucket did not pay for.
+/// once, and the requests that follow spend them here without waiting. A
+/// lease down to half its block is renewed in the background, sized by
+/// the demand since its grant; one that expires with tokens left gives
+/// them back to the shared bucket and its block halves. What a lease
+/// changes: another replica may be refused while this one holds tokens (at
+/// most a lease each), and an answer from a lease reports
+/// `RateLimit-Remaining` as of the latest call plus the tokens still held.
+/// What it keeps: no replica admits a request the shared bucket did not
+/// pay for.
 pub struct RedisLimiter {
     batches: Arc<Batches>,
 }
@@ -719,7 +721,7 @@ impl RedisLimiter {
 
     /// Renews `due` leases in the background: the request that found one
     /// low does not wait for it.
-    fn renew(&self, due: Vec<Check>) {
+    fn renew_in_background(&self, due: Vec<Check>) {
         for check in due {
             let batches = self.batches.clone();
             match tokio::runtime::Handle::try_current() {
@@ -865,11 +867,12 @@ impl Leases {
 
     /// The block to lease for a bucket `checks` checks of this batch spend
     /// from: none while its lease holds tokens (an expired one's go back
-    /// first) or is being renewed; twice the last one if the bucket was called for again within
-    /// [`LEASE_TTL`] (demand emptied its lease, or it was seen once before:
-    /// a caller's sequential requests); the last one (halved if it expired
-    /// unspent) after that; and for a bucket not seen lately, as many as
-    /// this batch brought. Never more than the cap, and none under two.
+    /// first) or is being renewed; twice the last one if the bucket was
+    /// called for again within [`LEASE_TTL`] (demand emptied its lease, or
+    /// it was seen once before: a caller's sequential requests); the last
+    /// one (halved if it expired unspent) after that; and for a bucket not
+    /// seen lately, as many as this batch brought. Never more than the cap,
+    /// and none under two.
     fn want(&mut self, check: &Check, checks: u32, now: Instant) -> u32 {
         let cap = lease_cap(check.quota);
         if cap < 2 {
@@ -1269,7 +1272,7 @@ impl SharedLimiter for RedisLimiter {
             let decision = leases.spend(checks, Instant::now());
             (decision, std::mem::take(&mut leases.due))
         };
-        self.renew(due);
+        self.renew_in_background(due);
         decision
     }
 
@@ -1279,7 +1282,7 @@ impl SharedLimiter for RedisLimiter {
             let plan = leases.plan(checks, Instant::now());
             (plan, std::mem::take(&mut leases.due))
         };
-        self.renew(due);
+        self.renew_in_background(due);
         let group = if sent.is_empty() {
             Ok(Vec::new())
         } else {

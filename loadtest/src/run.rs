@@ -194,7 +194,6 @@ fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
-/// Milliseconds at quantile `q`.
 /// The median of `values` (`None` if there are none): over several rounds,
 /// the round a disturbance hit moves it least.
 pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
@@ -208,6 +207,7 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     }
 }
 
+/// Milliseconds at quantile `q`.
 pub fn ms_at(histogram: &Histogram<u64>, q: f64) -> f64 {
     histogram.value_at_quantile(q) as f64 / 1000.0
 }
