@@ -60,6 +60,9 @@ pub struct TelemetryConfig {
     pub batch_delay: Duration,
     /// `OTEL_BSP_MAX_QUEUE_SIZE`: spans queued before new ones are dropped.
     pub max_queue_size: usize,
+    /// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` or `OTEL_EXPORTER_OTLP_TIMEOUT`
+    /// (milliseconds): how long one export may take.
+    pub export_timeout: Duration,
 }
 
 /// Which traces are kept, as `OTEL_TRACES_SAMPLER` names them.
@@ -129,6 +132,12 @@ impl TelemetryConfig {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        // The traces variable wins over the general one, as for the endpoint.
+        let timeout_var = if env.raw("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT").is_some() {
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
+        } else {
+            "OTEL_EXPORTER_OTLP_TIMEOUT"
+        };
         Ok(Self {
             otlp_endpoint: env
                 .raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -146,6 +155,7 @@ impl TelemetryConfig {
                 1..=60_000,
             )?),
             max_queue_size: env.ranged_or("OTEL_BSP_MAX_QUEUE_SIZE", 8192, 16..=1_000_000)?,
+            export_timeout: Duration::from_millis(env.ranged_or(timeout_var, 5000, 1..=600_000)?),
         })
     }
 
@@ -221,7 +231,7 @@ impl Telemetry {
                 let exporter = opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
                     .with_endpoint(endpoint.clone())
-                    .with_timeout(Duration::from_secs(5))
+                    .with_timeout(config.export_timeout)
                     .build()?;
                 let processor = BatchSpanProcessor::builder(exporter)
                     .with_batch_config(
@@ -823,10 +833,30 @@ mod tests {
             config.otlp_endpoint.as_deref(),
             Some("http://collector:4317")
         );
+        assert_eq!(config.export_timeout, Duration::from_secs(5));
+        let timeouts = |pairs: &[(&str, &str)]| {
+            TelemetryConfig::from_env(&Env::from_pairs(pairs.iter().copied()))
+                .map(|config| config.export_timeout)
+        };
+        assert_eq!(
+            timeouts(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")]).expect("valid"),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            timeouts(&[
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+                ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "700"),
+            ])
+            .expect("valid"),
+            Duration::from_millis(700),
+            "the traces variable wins"
+        );
         for (var, value) in [
             ("OTEL_TRACES_SAMPLER", "sometimes"),
             ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
             ("OTEL_RESOURCE_ATTRIBUTES", "novalue"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0"),
         ] {
             let err = TelemetryConfig::from_env(&Env::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var);
