@@ -625,7 +625,9 @@ const MAX_LEASED_BUCKETS: usize = 4096;
 /// them back to the shared bucket and its block halves. What a lease
 /// changes: another replica may be refused while this one holds tokens (at
 /// most a lease each), and an answer from a lease reports
-/// `RateLimit-Remaining` as of the latest call plus the tokens still held.
+/// `RateLimit-Remaining` as of the emptiest answer lately recorded plus the
+/// tokens still held (after a give-back it may say less than is left,
+/// never more).
 /// What it keeps: no replica admits a request the shared bucket did not
 /// pay for.
 pub struct RedisLimiter {
@@ -770,7 +772,7 @@ struct Lease {
     size: u32,
     /// Tokens spent since the latest grant: the demand a renewal is sized by.
     spent: u32,
-    /// The shared bucket as the latest answer left it: requests it could
+    /// The shared bucket as the newest answer left it: requests it could
     /// still admit, and when it is full again.
     shared_remaining: u32,
     full_at: Instant,
@@ -963,8 +965,15 @@ impl Leases {
         let full_at = now + Duration::from_micros(reset_after_us);
         let shared_remaining = allowed(check.quota, reset_after_us).remaining;
         if let Some(lease) = self.buckets.get_mut(check) {
-            lease.shared_remaining = shared_remaining;
-            lease.full_at = full_at;
+            // A batch's answer and a renewal's may be recorded in either
+            // order. Between two answers the shared bucket only empties,
+            // unless tokens went back to it, so the one that has it full
+            // later is the newer: an older one would report tokens that a
+            // renewal already took out, on top of the tokens held here.
+            if full_at >= lease.full_at {
+                lease.shared_remaining = shared_remaining;
+                lease.full_at = full_at;
+            }
             if asked > 0 {
                 lease.size = asked;
                 lease.spent = 0;
@@ -2058,6 +2067,27 @@ mod tests {
         (check, one("ip:hot", quota))
     }
 
+    /// A renewal's answer recorded before the answer of a batch sent
+    /// earlier: the batch's (the bucket fuller) must not count the
+    /// renewal's block twice, once as held and once as still in Redis.
+    #[test]
+    fn an_older_answer_recorded_late_does_not_undo_a_newer_one() {
+        let (check, checks) = hot();
+        let mut leases = Leases::default();
+        let t0 = Instant::now();
+        // The renewal: 8 leased, 0.5 s from full (1,100 left in Redis).
+        leases.record(&check, 8, 8, 500_000, t0);
+        // The batch, answered before the renewal took its block: 0.4 s.
+        leases.record(&check, 0, 0, 400_000, t0);
+        let decision = leases.spend(&checks, t0).expect("a leased token");
+        assert_eq!(decision.remaining, 1_100 + 7);
+        assert_eq!(decision.reset_after, Duration::from_millis(500));
+        // A newer answer still counts.
+        leases.record(&check, 0, 0, 600_000, t0);
+        let decision = leases.spend(&checks, t0).expect("a leased token");
+        assert_eq!(decision.remaining, 1_000 + 6);
+    }
+
     #[test]
     fn leases_grow_while_demand_empties_them_and_shrink_when_they_expire() {
         let (check, checks) = hot();
@@ -2283,7 +2313,10 @@ mod tests {
         let prefix = unique_prefix();
         let redis = connect(&redis_url(), &prefix).await;
         let limiter = Arc::new(RedisLimiter::new(&redis));
-        let checks = one("k", Quota::new(1, 100));
+        // Too small a bucket to lease: every check goes to Redis.
+        let quota = Quota::new(1, 30);
+        assert!(lease_cap(quota) < 2);
+        let checks = one("k", quota);
         for _ in 0..3 {
             // Loopback Redis may answer within the first poll; until it
             // does not, the leader's call is in flight.
@@ -2305,12 +2338,13 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             drop(leader);
-            let decision = tokio::time::timeout(Duration::from_secs(5), follower)
+            // Admitted or not (the dropped leaders may have spent the
+            // bucket), Redis answered it.
+            tokio::time::timeout(Duration::from_secs(5), follower)
                 .await
                 .expect("the follower was sent")
                 .expect("task")
                 .expect("Redis answers");
-            assert!(decision.allowed);
         }
         assert!(
             !limiter.batches.queue().led,
@@ -2550,7 +2584,7 @@ mod tests {
             .unwrap_or_else(|| panic!("no {series} in {}", metrics.render()))
     }
 
-    /// `requests` checks at once on one key (burst 100) through a limiter
+    /// 1,000 checks at once on one key (burst 30) through a limiter
     /// whose Redis fails in the way `cut` does after the first wave: the
     /// first wave is answered by Redis, every check of the second by fresh
     /// local buckets, within the bound.
@@ -2565,7 +2599,9 @@ mod tests {
             )
             .counted(Answered::new(&metrics)),
         );
-        let quota = Quota::new(1, 100);
+        // Too small a bucket to lease, so both waves are exact.
+        let quota = Quota::new(1, 30);
+        assert!(lease_cap(quota) < 2);
         let wave = || {
             let checks: Vec<_> = (0..1_000)
                 .map(|_| {
@@ -2581,14 +2617,17 @@ mod tests {
                 admitted
             }
         };
-        assert_eq!(wave().await, 100);
+        assert_eq!(wave().await, 30);
         assert_eq!(limiter.degraded_checks(), 0);
-        let (redis, lease) = (answered(&metrics, "redis"), answered(&metrics, "lease"));
-        assert_eq!(redis + lease, 1_000, "each request counted once");
+        assert_eq!(
+            answered(&metrics, "redis"),
+            1_000,
+            "each request counted once"
+        );
 
         cut(&proxy);
         let started = Instant::now();
-        assert_eq!(wave().await, 100, "a fresh local bucket, spent exactly");
+        assert_eq!(wave().await, 30, "a fresh local bucket, spent exactly");
         assert_eq!(limiter.degraded_checks(), 1_000);
         assert_eq!(answered(&metrics, "fallback"), 1_000, "on /metrics too");
         assert!(
@@ -2597,6 +2636,28 @@ mod tests {
             started.elapsed()
         );
         clean_up(&direct).await;
+    }
+
+    /// Back-to-back requests on one bucket: the first ones go to Redis,
+    /// which leases the now hot bucket a block, and the rest are answered
+    /// from it; `/metrics` counts each request once, by what answered it.
+    #[tokio::test]
+    async fn metrics_count_what_answered_each_check() {
+        let prefix = unique_prefix();
+        let redis = connect(&redis_url(), &prefix).await;
+        let metrics = Metrics::default();
+        let limiter = patient(&redis).counted(Answered::new(&metrics));
+        let check = slow("ip:counted");
+        let checks = one(&check.key, check.quota);
+        for _ in 0..20 {
+            assert!(limiter.check(&checks).await.allowed);
+        }
+        let (by_redis, by_lease) = (answered(&metrics, "redis"), answered(&metrics, "lease"));
+        assert_eq!(by_redis + by_lease, 20, "each request counted once");
+        assert!(by_redis >= 2, "the first two made the bucket hot");
+        assert!(by_lease > 0, "then it was leased");
+        assert_eq!(answered(&metrics, "fallback"), 0);
+        clean_up(&redis).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
