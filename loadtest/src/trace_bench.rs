@@ -5,7 +5,8 @@
 //!    export off, on at 100% and on at 10% sampling (parent-based ratio,
 //!    decided at the edge), against a real OTLP/gRPC sink: an in-process
 //!    TraceService that decodes every export and counts its spans. Each mode
-//!    runs `rounds` times, interleaved, on a fresh stack.
+//!    runs `rounds` times, interleaved (every other round in reverse order),
+//!    on a fresh stack.
 //! 2. The server layer alone: [`ServerObserveLayer`] around a no-op service,
 //!    called in a loop, next to the bare service — the per-call cost of the
 //!    RED metrics (tracing off) and of the sampling decision and spans.
@@ -131,7 +132,15 @@ pub async fn tracing(backends: &Backends, options: &TracingOptions) -> anyhow::R
     let (endpoint, spans) = start_sink().await?;
     let mut measured = Vec::new();
     for round in 1..=options.rounds {
-        for (mode, (label, ratio)) in MODES.iter().enumerate() {
+        // Even rounds run the modes in reverse, so a machine that slows down
+        // (or speeds up) in the course of a round does not favour the mode
+        // that always runs first.
+        let mut order: Vec<usize> = (0..MODES.len()).collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for mode in order {
+            let (label, ratio) = MODES[mode];
             eprintln!("round {round}/{}: {label}", options.rounds);
             let mut env = UNTHROTTLED.to_vec();
             if let Some(ratio) = ratio {
@@ -299,15 +308,10 @@ fn print_report(options: &TracingOptions, measured: &[Measured], layer: &LayerCo
     };
     // Within a round the modes run back to back, so a slow spell of the
     // machine moves all of them: the median of each round's own ratio.
-    let within_rounds = |mode: usize| {
+    let within_rounds = |mode: usize, f: &dyn Fn(&Measured) -> f64| {
         let rounds = measured.chunks(MODES.len()).filter_map(|round| {
-            let rps = |mode: usize| {
-                round
-                    .iter()
-                    .find(|m| m.mode == mode)
-                    .map(|m| m.row.ok_throughput())
-            };
-            Some(rps(mode)? / rps(0)?)
+            let value = |mode: usize| round.iter().find(|m| m.mode == mode).map(f);
+            Some(value(mode)? / value(0)?)
         });
         crate::run::median(rounds).map_or(f64::NAN, |ratio| (ratio - 1.0) * 100.0)
     };
@@ -315,18 +319,20 @@ fn print_report(options: &TracingOptions, measured: &[Measured], layer: &LayerCo
     let off_cpu = median(0, &|m| m.server_us_per_request);
     println!("\nMedians over the rounds:\n");
     println!(
-        "| trace export | requests/s | vs off | vs off within each round | p99 ms | `flashmesh up` CPU µs/req | vs off | spans exported/req |"
+        "| trace export | requests/s | vs off | vs off within each round | p99 ms | vs off within each round | `flashmesh up` CPU µs/req | vs off | vs off within each round | spans exported/req |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (mode, (label, _)) in MODES.iter().enumerate() {
         let rps = median(mode, &|m| m.row.ok_throughput());
         let cpu = median(mode, &|m| m.server_us_per_request);
         println!(
-            "| {label} | {rps:.0} | {:+.1}% | {:+.1}% | {:.2} | {cpu:.1} | {:+.1}% | {:.2} |",
+            "| {label} | {rps:.0} | {:+.1}% | {:+.1}% | {:.2} | {:+.1}% | {cpu:.1} | {:+.1}% | {:+.1}% | {:.2} |",
             (rps / off_rps - 1.0) * 100.0,
-            within_rounds(mode),
+            within_rounds(mode, &|m| m.row.ok_throughput()),
             median(mode, &|m| ms_at(&m.row.ok_latency, 0.99)),
+            within_rounds(mode, &|m| ms_at(&m.row.ok_latency, 0.99)),
             (cpu / off_cpu - 1.0) * 100.0,
+            within_rounds(mode, &|m| m.server_us_per_request),
             median(mode, &|m| m.spans_per_request),
         );
     }
