@@ -132,16 +132,65 @@ impl TelemetryConfig {
                 })
                 .collect::<Result<_, _>>()?,
         };
-        // The traces variable wins over the general one, as for the endpoint.
-        let timeout_var = if env.raw("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT").is_some() {
-            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
-        } else {
-            "OTEL_EXPORTER_OTLP_TIMEOUT"
+        // No exporter, whatever the endpoint says, when the SDK is disabled
+        // or the traces exporter is `none`.
+        let disabled = match env
+            .raw("OTEL_SDK_DISABLED")
+            .map(|value| value.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(_) => return Err(invalid("OTEL_SDK_DISABLED", "expected true or false")),
         };
+        let exporting = match env.raw("OTEL_TRACES_EXPORTER").map(str::trim) {
+            None | Some("otlp") => true,
+            Some("none") => false,
+            Some(_) => {
+                return Err(invalid(
+                    "OTEL_TRACES_EXPORTER",
+                    "expected otlp or none (traces go out over OTLP only)",
+                ));
+            }
+        };
+        // What only one value is built in for is refused otherwise, rather
+        // than ignored (`opentelemetry-otlp` would only warn about an
+        // algorithm it lacks).
+        for (traces, general, built_in, reason) in [
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "grpc",
+                "only grpc (OTLP/gRPC) is supported",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+                "OTEL_EXPORTER_OTLP_COMPRESSION",
+                "none",
+                "no compression is built in: leave it unset or none",
+            ),
+        ] {
+            let var = traces_first(env, traces, general);
+            if env
+                .raw(var)
+                .is_some_and(|value| !value.trim().eq_ignore_ascii_case(built_in))
+            {
+                return Err(invalid(var, reason));
+            }
+        }
+        let timeout_var = traces_first(
+            env,
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        );
         Ok(Self {
             otlp_endpoint: env
-                .raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                .or_else(|| env.raw("OTEL_EXPORTER_OTLP_ENDPOINT"))
+                .raw(traces_first(
+                    env,
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                ))
+                .filter(|_| exporting && !disabled)
                 .map(|url| url.trim().to_owned()),
             service_name: env.raw("OTEL_SERVICE_NAME").map(|s| s.trim().to_owned()),
             resource_attributes,
@@ -169,6 +218,17 @@ impl TelemetryConfig {
             (Some(name), true) => format!("{name}-{part}"),
             (None, _) => format!("flashmesh-{part}"),
         }
+    }
+}
+
+/// The traces-only variable if it is set, else the general one: the OTLP
+/// exporter's precedence (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` over
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`, and so on).
+fn traces_first<'a>(env: &Env, traces: &'a str, general: &'a str) -> &'a str {
+    if env.raw(traces).is_some() {
+        traces
+    } else {
+        general
     }
 }
 
@@ -851,7 +911,34 @@ mod tests {
             Duration::from_millis(700),
             "the traces variable wins"
         );
+        let endpoint = |pairs: &[(&str, &str)]| {
+            let mut env = Env::from_pairs(pairs.iter().copied());
+            env.set("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317");
+            TelemetryConfig::from_env(&env)
+                .expect("valid")
+                .otlp_endpoint
+        };
+        assert!(endpoint(&[("OTEL_SDK_DISABLED", "false")]).is_some());
+        assert!(endpoint(&[("OTEL_TRACES_EXPORTER", "otlp")]).is_some());
+        assert!(endpoint(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).is_some());
+        assert!(endpoint(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "None")]).is_some());
+        assert_eq!(endpoint(&[("OTEL_SDK_DISABLED", "TRUE")]), None);
+        assert_eq!(endpoint(&[("OTEL_TRACES_EXPORTER", "none")]), None);
+        assert!(
+            endpoint(&[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+            ])
+            .is_some(),
+            "the traces variable wins"
+        );
         for (var, value) in [
+            ("OTEL_SDK_DISABLED", "yes"),
+            ("OTEL_TRACES_EXPORTER", "zipkin"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd"),
             ("OTEL_TRACES_SAMPLER", "sometimes"),
             ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
             ("OTEL_RESOURCE_ATTRIBUTES", "novalue"),
