@@ -112,13 +112,14 @@ enum Bench {
     /// off, on at 100% and on at 10% sampling (to an in-process OTLP sink),
     /// and the server observation layer's cost per call.
     Tracing {
-        /// How long each measured run lasts (after a 2 s warm-up).
-        #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+        /// How long each mode's slice of a cycle lasts (after a 2 s warm-up
+        /// of each stack at the start).
+        #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
         duration: Duration,
         #[arg(long, default_value_t = 64)]
         callers: usize,
-        /// Runs per mode, interleaved, each on a fresh stack.
-        #[arg(long, default_value_t = 2)]
+        /// Cycles: in each, every mode's stack gets one slice, in turn.
+        #[arg(long, default_value_t = 12)]
         rounds: usize,
         /// Calls per mode in the layer measurement.
         #[arg(long, default_value_t = 1_000_000)]

@@ -2,22 +2,34 @@
 
 use anyhow::Context;
 
-/// utime + stime (clock ticks) from the text of a /proc/.../stat file.
-pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+/// utime and stime (clock ticks) from the text of a /proc/.../stat file.
+pub fn stat_cpu_split(stat: &str) -> Option<(u64, u64)> {
     // Fields after the parenthesised command name, which may hold spaces:
     // state is field 3, utime 14 and stime 15.
     let (_, rest) = stat.rsplit_once(')')?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
+}
+
+/// utime + stime (clock ticks) from the text of a /proc/.../stat file.
+pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    stat_cpu_split(stat).map(|(user, system)| user + system)
+}
+
+/// CPU time a process has used so far in user space and in the kernel, in
+/// clock ticks (0 once it is gone).
+pub fn process_cpu_split(pid: u32) -> (u64, u64) {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .as_deref()
+        .and_then(stat_cpu_split)
+        .unwrap_or((0, 0))
 }
 
 /// CPU time a process has used so far, in clock ticks (0 once it is gone).
 pub fn process_cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .as_deref()
-        .and_then(stat_cpu_ticks)
-        .unwrap_or(0)
+    let (user, system) = process_cpu_split(pid);
+    user + system
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux in practice).

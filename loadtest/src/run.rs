@@ -207,7 +207,39 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     }
 }
 
+/// The median of `values` and an approximate 95% confidence interval of it
+/// (`None` if there are none): the order statistics n/2 ∓ 0.98·√n, which
+/// assume nothing about how the values are distributed.
+pub fn median_interval(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64, f64)> {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let middle = median(values.iter().copied())?;
+    let half_width = 0.98 * (n as f64).sqrt();
+    let half = n as f64 / 2.0;
+    // Ranks counted from 1: ⌊n/2 − 0.98·√n⌋ and ⌈n/2 + 1 + 0.98·√n⌉.
+    let low = ((half - half_width).floor().max(1.0) as usize - 1).min(n - 1);
+    let high = ((half + half_width).ceil() as usize).min(n - 1);
+    Some((middle, values[low], values[high]))
+}
+
 /// Milliseconds at quantile `q`.
 pub fn ms_at(histogram: &Histogram<u64>, q: f64) -> f64 {
     histogram.value_at_quantile(q) as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_interval_widens_with_fewer_values() {
+        let thirty = (1..=30).map(f64::from);
+        // Ranks 9 and 22 of 30: 15 ∓ 5.37, the upper one plus one.
+        assert_eq!(median_interval(thirty), Some((15.5, 9.0, 22.0)));
+        let five = [5.0, 1.0, 4.0, 2.0, 3.0];
+        // Too few for a narrower interval than all of them.
+        assert_eq!(median_interval(five), Some((3.0, 1.0, 5.0)));
+        assert_eq!(median_interval([]), None);
+    }
 }

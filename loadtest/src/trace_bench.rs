@@ -4,9 +4,12 @@
 //!    span, catalog span, cache event) on a real `flashmesh up`, with trace
 //!    export off, on at 100% and on at 10% sampling (parent-based ratio,
 //!    decided at the edge), against a real OTLP/gRPC sink: an in-process
-//!    TraceService that decodes every export and counts its spans. Each mode
-//!    runs `rounds` times, interleaved (every other round in reverse order),
-//!    on a fresh stack.
+//!    TraceService per mode that decodes every export and counts its spans.
+//!    The three stacks run at once and take turns: `rounds` cycles of a
+//!    slice each, so a machine whose speed drifts over minutes (a shared VM)
+//!    moves every mode of a cycle alike, and each cycle's ratio to "off"
+//!    cancels it; the report gives the median ratio with a confidence
+//!    interval.
 //! 2. The server layer alone: [`ServerObserveLayer`] around a no-op service,
 //!    called in a loop, next to the bare service — the per-call cost of the
 //!    RED metrics (tracing off) and of the sampling decision and spans.
@@ -37,8 +40,8 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::{
     gateway::http_callers,
-    procfs::{process_cpu_ticks, ticks_per_second},
-    run::{Row, median, ms_at, run},
+    procfs::{process_cpu_split, ticks_per_second},
+    run::{Row, median_interval, ms_at, run},
     stack::{Backends, Mode, Stack, UNTHROTTLED},
 };
 
@@ -49,16 +52,23 @@ pub struct TracingOptions {
     pub layer_calls: usize,
 }
 
-/// (label, sampling ratio; `None` = no exporter).
-const MODES: [(&str, Option<&str>); 3] = [
-    ("export off", None),
-    ("export on, 100% sampled", Some("1.0")),
-    ("export on, 10% sampled", Some("0.1")),
+/// (label, short label, sampling ratio; `None` = no exporter). "Off" comes
+/// first: the others are compared with it.
+const MODES: [(&str, &str, Option<&str>); 3] = [
+    ("export off", "off", None),
+    ("export on, 100% sampled", "100%", Some("1.0")),
+    ("export on, 10% sampled", "10%", Some("0.1")),
 ];
 
 /// An OTLP/gRPC collector that counts the spans it receives.
 #[derive(Clone, Default)]
 struct SpanCounter(Arc<AtomicU64>);
+
+impl SpanCounter {
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 #[tonic::async_trait]
 impl TraceService for SpanCounter {
@@ -119,97 +129,185 @@ pub async fn serve_sink(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Measured {
+/// One mode's slice of a cycle.
+struct Slice {
     mode: usize,
-    /// 1-minute load average when the run began: other work on the machine.
-    load: String,
     row: Row,
-    server_us_per_request: f64,
-    spans_per_request: f64,
+    /// `flashmesh up`'s CPU time from the slice's start until the exporter
+    /// has sent its spans, in clock ticks: (user, kernel).
+    cpu: (u64, u64),
 }
 
-pub async fn tracing(backends: &Backends, options: &TracingOptions) -> anyhow::Result<()> {
-    let (endpoint, spans) = start_sink().await?;
-    let mut measured = Vec::new();
-    for round in 1..=options.rounds {
-        // Even rounds run the modes in reverse, so a machine that slows down
-        // (or speeds up) in the course of a round does not favour the mode
-        // that always runs first.
-        let mut order: Vec<usize> = (0..MODES.len()).collect();
-        if round % 2 == 0 {
-            order.reverse();
-        }
-        for mode in order {
-            let (label, ratio) = MODES[mode];
-            eprintln!("round {round}/{}: {label}", options.rounds);
-            let mut env = UNTHROTTLED.to_vec();
-            if let Some(ratio) = ratio {
-                env.extend([
-                    ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-                    ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
-                    ("OTEL_TRACES_SAMPLER_ARG", ratio),
-                ]);
-            }
-            let stack = Stack::up(Mode::RedisGate, backends, &env).await?;
-            let result = measure(&stack, mode, options, &spans).await;
-            stack.down().await?;
-            measured.push(result?);
-        }
+impl Slice {
+    fn throughput(&self) -> f64 {
+        self.row.ok_throughput()
     }
-    let layer = layer_costs(options.layer_calls, &endpoint).await?;
-    print_report(options, &measured, &layer);
+
+    fn p99_ms(&self) -> f64 {
+        ms_at(&self.row.ok_latency, 0.99)
+    }
+
+    fn cpu_us_per_request(&self) -> f64 {
+        (self.cpu.0 + self.cpu.1) as f64 * 1e6 / ticks_per_second() / self.row.ok.max(1) as f64
+    }
+}
+
+/// A cycle: every mode's slice, in the order they ran.
+struct Cycle {
+    /// 1-minute load average when the cycle began: other work on the
+    /// machine.
+    load: String,
+    slices: Vec<Slice>,
+}
+
+impl Cycle {
+    fn slice(&self, mode: usize) -> Option<&Slice> {
+        self.slices.iter().find(|s| s.mode == mode)
+    }
+
+    /// `f` of `mode`'s slice over `f` of the "off" slice of this cycle.
+    fn ratio(&self, mode: usize, f: &dyn Fn(&Slice) -> f64) -> Option<f64> {
+        Some(f(self.slice(mode)?) / f(self.slice(0)?))
+    }
+}
+
+/// One stack per mode, all running at once; the modes take turns.
+struct Contender {
+    stack: Stack,
+    spans: SpanCounter,
+    url: String,
+}
+
+/// The order of the modes in each cycle, in turn: every mode runs first,
+/// second and last equally often, and after each other mode equally
+/// often, so neither a machine that drifts in the course of a cycle nor
+/// what one mode leaves behind (warm caches, an exporter still sending)
+/// favours any mode.
+const ORDERS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [1, 2, 0],
+    [2, 0, 1],
+    [2, 1, 0],
+    [1, 0, 2],
+    [0, 2, 1],
+];
+
+/// The exporter sends every second (`OTEL_BSP_SCHEDULE_DELAY`): after a
+/// slice its stack is given this long, still counted, to send the spans the
+/// slice made, before the next slice starts.
+const SETTLE: Duration = Duration::from_millis(1500);
+
+pub async fn tracing(backends: &Backends, options: &TracingOptions) -> anyhow::Result<()> {
+    let mut contenders = Vec::new();
+    for (label, _, ratio) in MODES {
+        eprintln!("starting the stack with trace {label}");
+        // A sink per stack, so each mode's spans are counted apart.
+        let (endpoint, spans) = start_sink().await?;
+        let mut env = UNTHROTTLED.to_vec();
+        if let Some(ratio) = ratio {
+            env.extend([
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", ratio),
+            ]);
+        }
+        let stack = Stack::up(Mode::RedisGate, backends, &env).await?;
+        let deal = stack.create_deal(1_000_000, 1_000_000).await;
+        let url = format!("http://{}/v1/deals/{}", stack.gateway_addr, deal?);
+        contenders.push(Contender { stack, spans, url });
+    }
+    let result = take_turns(&contenders, options).await;
+    for contender in contenders {
+        contender.stack.down().await?;
+    }
+    let (cycles, spans_per_request) = result?;
+    let layer = layer_costs(options.layer_calls).await?;
+    print_report(options, &cycles, &spans_per_request, &layer);
     Ok(())
 }
 
-async fn measure(
-    stack: &Stack,
+/// Warms every stack up, then runs `options.rounds` cycles; also returns
+/// each mode's spans exported per request over all its slices.
+async fn take_turns(
+    contenders: &[Contender],
+    options: &TracingOptions,
+) -> anyhow::Result<(Vec<Cycle>, Vec<f64>)> {
+    for (contender, (label, _, _)) in contenders.iter().zip(MODES) {
+        // Connections, caches, lazily built state.
+        let call = http_callers(options.callers, contender.url.clone(), None);
+        let scenario = format!("GetDeal via gateway, trace {label} (warm-up)");
+        run(
+            &scenario,
+            Mode::RedisGate,
+            options.callers,
+            Duration::from_secs(2),
+            call,
+        )
+        .await;
+    }
+    tokio::time::sleep(SETTLE).await;
+    let spans_before: Vec<u64> = contenders.iter().map(|c| c.spans.count()).collect();
+    let mut cycles = Vec::new();
+    for round in 0..options.rounds {
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_default();
+        let mut slices = Vec::new();
+        for mode in ORDERS[round % ORDERS.len()] {
+            eprintln!(
+                "cycle {}/{}: trace {}",
+                round + 1,
+                options.rounds,
+                MODES[mode].0
+            );
+            slices.push(slice(&contenders[mode], mode, options).await?);
+        }
+        cycles.push(Cycle { load, slices });
+    }
+    let spans_per_request = (0..MODES.len())
+        .map(|mode| {
+            let requests: u64 = cycles
+                .iter()
+                .filter_map(|c| c.slice(mode))
+                .map(|s| s.row.ok)
+                .sum();
+            let spans = contenders[mode]
+                .spans
+                .count()
+                .saturating_sub(spans_before[mode]);
+            spans as f64 / requests.max(1) as f64
+        })
+        .collect();
+    Ok((cycles, spans_per_request))
+}
+
+async fn slice(
+    contender: &Contender,
     mode: usize,
     options: &TracingOptions,
-    spans: &SpanCounter,
-) -> anyhow::Result<Measured> {
-    let pid = stack.pid("up")?;
-    let deal = stack.create_deal(1_000_000, 1_000_000).await?;
-    let call = http_callers(
-        options.callers,
-        format!("http://{}/v1/deals/{deal}", stack.gateway_addr),
-        None,
-    );
-    // Warm-up: connections, caches, lazily built state.
-    run(
-        "GetDeal via gateway (warm-up)",
-        Mode::RedisGate,
-        options.callers,
-        Duration::from_secs(2),
-        call.clone(),
-    )
-    .await;
-    // Spans of the warm-up still in the exporter's queue.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let spans_before = spans.0.load(Ordering::Relaxed);
-    let cpu_before = process_cpu_ticks(pid);
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_default();
+) -> anyhow::Result<Slice> {
+    let pid = contender.stack.pid("up")?;
+    let before = process_cpu_split(pid);
+    let call = http_callers(options.callers, contender.url.clone(), None);
+    let scenario = format!("GetDeal via gateway, trace {}", MODES[mode].0);
     let row = run(
-        &format!("GetDeal via gateway, {}", MODES[mode].0),
+        &scenario,
         Mode::RedisGate,
         options.callers,
         options.duration,
         call,
     )
     .await;
-    let cpu = process_cpu_ticks(pid).saturating_sub(cpu_before);
-    // The batch exporter sends every second.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let exported = spans.0.load(Ordering::Relaxed).saturating_sub(spans_before);
-    let requests = row.ok.max(1) as f64;
-    Ok(Measured {
+    tokio::time::sleep(SETTLE).await;
+    let after = process_cpu_split(pid);
+    Ok(Slice {
         mode,
-        load,
-        server_us_per_request: cpu as f64 * 1e6 / ticks_per_second() / requests,
-        spans_per_request: exported as f64 / requests,
         row,
+        cpu: (
+            after.0.saturating_sub(before.0),
+            after.1.saturating_sub(before.1),
+        ),
     })
 }
 
@@ -219,7 +317,8 @@ struct LayerCosts {
     modes: Vec<(&'static str, f64)>,
 }
 
-async fn layer_costs(calls: usize, endpoint: &str) -> anyhow::Result<LayerCosts> {
+async fn layer_costs(calls: usize) -> anyhow::Result<LayerCosts> {
+    let (endpoint, _) = start_sink().await?;
     let rpc = "flashmesh.catalog.v1.CatalogService/GetDeal";
     let noop = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
         Ok::<_, Infallible>(http::Response::new(tonic::body::Body::empty()))
@@ -233,7 +332,7 @@ async fn layer_costs(calls: usize, endpoint: &str) -> anyhow::Result<LayerCosts>
     ] {
         let mut env = Env::default();
         if let Some(ratio) = ratio {
-            env.set("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+            env.set("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
             env.set("OTEL_TRACES_SAMPLER", "parentbased_traceidratio");
             env.set("OTEL_TRACES_SAMPLER_ARG", ratio);
         }
@@ -277,63 +376,106 @@ where
     Ok(elapsed.as_nanos() as f64 / calls.max(1) as f64)
 }
 
-fn print_report(options: &TracingOptions, measured: &[Measured], layer: &LayerCosts) {
+fn print_report(
+    options: &TracingOptions,
+    cycles: &[Cycle],
+    spans_per_request: &[f64],
+    layer: &LayerCosts,
+) {
     println!(
         "flashmesh-loadtest tracing --duration {:?} --callers {} --rounds {} --layer-calls {}\n",
         options.duration, options.callers, options.rounds, options.layer_calls
     );
-    println!("Every run, in the order run:\n");
     println!(
-        "| round | trace export | load avg | requests/s | p50 ms | p99 ms | errors | `flashmesh up` CPU µs/req | spans exported/req |"
+        "One `flashmesh up` per mode, all three running at once; in each cycle every mode gets one slice of {:?} with {} callers, in the order shown, each followed by {:?} for its exporter to send (its CPU time counted).\n",
+        options.duration, options.callers, SETTLE
     );
-    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for (n, m) in measured.iter().enumerate() {
+    let columns = |what: &str| {
+        MODES
+            .map(|(_, short, _)| format!("{short} {what}"))
+            .join(" | ")
+    };
+    println!(
+        "| cycle | order | load avg | {} | {} | {} |",
+        columns("requests/s"),
+        columns("p99 ms"),
+        columns("CPU µs/req")
+    );
+    println!("| ---: | --- | ---: |{}", " ---: |".repeat(3 * MODES.len()));
+    for (n, cycle) in cycles.iter().enumerate() {
+        let order: Vec<&str> = cycle.slices.iter().map(|s| MODES[s.mode].1).collect();
+        let values = |f: &dyn Fn(&Slice) -> f64, digits: usize| {
+            (0..MODES.len())
+                .map(|mode| {
+                    cycle
+                        .slice(mode)
+                        .map_or("–".to_owned(), |s| format!("{:.digits$}", f(s)))
+                })
+                .collect::<Vec<_>>()
+                .join(" | ")
+        };
         println!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {:.1} | {:.2} |",
-            n / MODES.len() + 1,
-            MODES[m.mode].0,
-            m.load,
-            m.row.ok_throughput(),
-            ms_at(&m.row.ok_latency, 0.50),
-            ms_at(&m.row.ok_latency, 0.99),
-            m.row.errors_total(),
-            m.server_us_per_request,
-            m.spans_per_request,
+            "| {} | {} | {} | {} | {} | {} |",
+            n + 1,
+            order.join(", "),
+            cycle.load,
+            values(&Slice::throughput, 0),
+            values(&Slice::p99_ms, 2),
+            values(&Slice::cpu_us_per_request, 1),
         );
     }
-    // The median: a run disturbed by other work on the machine moves it
-    // least.
-    let median = |mode: usize, f: &dyn Fn(&Measured) -> f64| {
-        median(measured.iter().filter(|m| m.mode == mode).map(f)).unwrap_or(f64::NAN)
+    // Within a cycle the modes run seconds apart, so a slow spell of the
+    // machine moves all of them: each cycle's own ratio to "off", and the
+    // median of those with its 95% confidence interval.
+    let versus_off = |mode: usize, f: &dyn Fn(&Slice) -> f64| {
+        if mode == 0 {
+            return "–".to_owned();
+        }
+        let ratios = cycles.iter().filter_map(|c| c.ratio(mode, f));
+        match median_interval(ratios) {
+            Some((median, low, high)) => {
+                let pct = |ratio: f64| (ratio - 1.0) * 100.0;
+                format!(
+                    "{:+.1}% ({:+.1}% to {:+.1}%)",
+                    pct(median),
+                    pct(low),
+                    pct(high)
+                )
+            }
+            None => "–".to_owned(),
+        }
     };
-    // Within a round the modes run back to back, so a slow spell of the
-    // machine moves all of them: the median of each round's own ratio.
-    let within_rounds = |mode: usize, f: &dyn Fn(&Measured) -> f64| {
-        let rounds = measured.chunks(MODES.len()).filter_map(|round| {
-            let value = |mode: usize| round.iter().find(|m| m.mode == mode).map(f);
-            Some(value(mode)? / value(0)?)
-        });
-        crate::run::median(rounds).map_or(f64::NAN, |ratio| (ratio - 1.0) * 100.0)
-    };
-    let off_rps = median(0, &|m| m.row.ok_throughput());
-    let off_cpu = median(0, &|m| m.server_us_per_request);
-    println!("\nMedians over the rounds:\n");
     println!(
-        "| trace export | requests/s | vs off | vs off within each round | p99 ms | vs off within each round | `flashmesh up` CPU µs/req | vs off | vs off within each round | spans exported/req |"
+        "\nEvery mode over all its slices; \"vs off\" is the median of the cycles' own ratios, with its 95% confidence interval:\n"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for (mode, (label, _)) in MODES.iter().enumerate() {
-        let rps = median(mode, &|m| m.row.ok_throughput());
-        let cpu = median(mode, &|m| m.server_us_per_request);
+    println!(
+        "| trace export | requests/s | vs off | p99 ms | vs off | `flashmesh up` CPU µs/req | of it in the kernel | vs off | spans exported/req |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (mode, (label, _, _)) in MODES.iter().enumerate() {
+        let slices: Vec<&Slice> = cycles.iter().filter_map(|c| c.slice(mode)).collect();
+        let requests: u64 = slices.iter().map(|s| s.row.ok).sum();
+        let seconds: f64 = slices.iter().map(|s| s.row.elapsed.as_secs_f64()).sum();
+        let (user, system) = slices
+            .iter()
+            .fold((0, 0), |(u, k), s| (u + s.cpu.0, k + s.cpu.1));
+        let mut latency = slices.first().map(|s| s.row.ok_latency.clone());
+        if let Some(latency) = &mut latency {
+            for s in slices.iter().skip(1) {
+                // Same bounds, so adding cannot fail.
+                let _ = latency.add(&s.row.ok_latency);
+            }
+        }
         println!(
-            "| {label} | {rps:.0} | {:+.1}% | {:+.1}% | {:.2} | {:+.1}% | {cpu:.1} | {:+.1}% | {:+.1}% | {:.2} |",
-            (rps / off_rps - 1.0) * 100.0,
-            within_rounds(mode, &|m| m.row.ok_throughput()),
-            median(mode, &|m| ms_at(&m.row.ok_latency, 0.99)),
-            within_rounds(mode, &|m| ms_at(&m.row.ok_latency, 0.99)),
-            (cpu / off_cpu - 1.0) * 100.0,
-            within_rounds(mode, &|m| m.server_us_per_request),
-            median(mode, &|m| m.spans_per_request),
+            "| {label} | {:.0} | {} | {:.2} | {} | {:.1} | {:.0}% | {} | {:.2} |",
+            requests as f64 / seconds.max(f64::MIN_POSITIVE),
+            versus_off(mode, &Slice::throughput),
+            latency.map_or(f64::NAN, |l| ms_at(&l, 0.99)),
+            versus_off(mode, &Slice::p99_ms),
+            (user + system) as f64 * 1e6 / ticks_per_second() / requests.max(1) as f64,
+            system as f64 * 100.0 / (user + system).max(1) as f64,
+            versus_off(mode, &Slice::cpu_us_per_request),
+            spans_per_request[mode],
         );
     }
     println!(
