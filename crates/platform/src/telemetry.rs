@@ -183,15 +183,40 @@ impl TelemetryConfig {
             "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
             "OTEL_EXPORTER_OTLP_TIMEOUT",
         );
+        let endpoint_var = traces_first(
+            env,
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        );
+        let otlp_endpoint = match env.raw(endpoint_var).map(str::trim) {
+            Some(url) if exporting && !disabled => {
+                // Checked here, so the error names the variable that was
+                // read and says what to do in an operator's terms.
+                let uri = url.parse::<http::Uri>().ok();
+                match uri
+                    .as_ref()
+                    .and_then(|u| Some((u.scheme_str()?, u.host()?)))
+                {
+                    Some(("http", _)) => Some(url.to_owned()),
+                    Some(("https", _)) => {
+                        return Err(invalid(
+                            endpoint_var,
+                            "TLS to the collector is not built in: use http:// to a collector \
+                             nearby (in the cluster or on the host), which may forward over TLS",
+                        ));
+                    }
+                    _ => {
+                        return Err(invalid(
+                            endpoint_var,
+                            "expected an http:// URL, e.g. http://otel-collector:4317",
+                        ));
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(Self {
-            otlp_endpoint: env
-                .raw(traces_first(
-                    env,
-                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                    "OTEL_EXPORTER_OTLP_ENDPOINT",
-                ))
-                .filter(|_| exporting && !disabled)
-                .map(|url| url.trim().to_owned()),
+            otlp_endpoint,
             service_name: env.raw("OTEL_SERVICE_NAME").map(|s| s.trim().to_owned()),
             resource_attributes,
             sampler: SamplerSetting {
@@ -923,6 +948,19 @@ mod tests {
         assert!(endpoint(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).is_some());
         assert!(endpoint(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "None")]).is_some());
         assert_eq!(endpoint(&[("OTEL_SDK_DISABLED", "TRUE")]), None);
+        assert_eq!(
+            endpoint(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317")]).as_deref(),
+            Some("http://traces:4317"),
+            "the traces variable wins"
+        );
+        let ignored = Env::from_pairs([
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+        ]);
+        assert!(
+            TelemetryConfig::from_env(&ignored).is_ok(),
+            "an endpoint that is not used is not checked"
+        );
         assert_eq!(endpoint(&[("OTEL_TRACES_EXPORTER", "none")]), None);
         assert!(
             endpoint(&[
@@ -944,6 +982,13 @@ mod tests {
             ("OTEL_RESOURCE_ATTRIBUTES", "novalue"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
             ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "grpc://collector:4317",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://"),
         ] {
             let err = TelemetryConfig::from_env(&Env::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var);
