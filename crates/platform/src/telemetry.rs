@@ -192,13 +192,10 @@ impl TelemetryConfig {
             Some(url) if exporting && !disabled => {
                 // Checked here, so the error names the variable that was
                 // read and says what to do in an operator's terms.
-                let uri = url.parse::<http::Uri>().ok();
-                match uri
-                    .as_ref()
-                    .and_then(|u| Some((u.scheme_str()?, u.host()?)))
-                {
-                    Some(("http", _)) => Some(url.to_owned()),
-                    Some(("https", _)) => {
+                let uri = url.parse::<http::Uri>().ok().filter(|u| u.host().is_some());
+                match uri.as_ref().and_then(http::Uri::scheme_str) {
+                    Some("http") => Some(url.to_owned()),
+                    Some("https") => {
                         return Err(invalid(
                             endpoint_var,
                             "TLS to the collector is not built in: use http:// to a collector \
