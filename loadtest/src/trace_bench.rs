@@ -134,8 +134,8 @@ struct Slice {
     mode: usize,
     row: Row,
     /// `flashmesh up`'s CPU time from the slice's start until the exporter
-    /// has sent its spans, in clock ticks: (user, kernel).
-    cpu: (u64, u64),
+    /// has sent its spans, in seconds: (user, kernel).
+    cpu: (f64, f64),
 }
 
 impl Slice {
@@ -148,8 +148,13 @@ impl Slice {
     }
 
     fn cpu_us_per_request(&self) -> f64 {
-        (self.cpu.0 + self.cpu.1) as f64 * 1e6 / ticks_per_second() / self.row.ok.max(1) as f64
+        us_per_request(self.cpu.0 + self.cpu.1, self.row.ok)
     }
+}
+
+/// Microseconds of CPU per request.
+fn us_per_request(cpu_seconds: f64, requests: u64) -> f64 {
+    cpu_seconds * 1e6 / requests.max(1) as f64
 }
 
 /// A cycle: every mode's slice, in the order they ran.
@@ -247,6 +252,7 @@ async fn take_turns(
     }
     tokio::time::sleep(SETTLE).await;
     let spans_before: Vec<u64> = contenders.iter().map(|c| c.spans.count()).collect();
+    let hz = ticks_per_second();
     let mut cycles = Vec::new();
     for round in 0..options.rounds {
         let load = std::fs::read_to_string("/proc/loadavg")
@@ -261,7 +267,7 @@ async fn take_turns(
                 options.rounds,
                 MODES[mode].0
             );
-            slices.push(slice(&contenders[mode], mode, options).await?);
+            slices.push(slice(&contenders[mode], mode, options, hz).await?);
         }
         cycles.push(Cycle { load, slices });
     }
@@ -282,10 +288,12 @@ async fn take_turns(
     Ok((cycles, spans_per_request))
 }
 
+/// One slice of `contender`; `hz`: clock ticks per second.
 async fn slice(
     contender: &Contender,
     mode: usize,
     options: &TracingOptions,
+    hz: f64,
 ) -> anyhow::Result<Slice> {
     let pid = contender.stack.pid("up")?;
     let before = process_cpu_split(pid);
@@ -305,8 +313,8 @@ async fn slice(
         mode,
         row,
         cpu: (
-            after.0.saturating_sub(before.0),
-            after.1.saturating_sub(before.1),
+            after.0.saturating_sub(before.0) as f64 / hz,
+            after.1.saturating_sub(before.1) as f64 / hz,
         ),
     })
 }
@@ -458,7 +466,7 @@ fn print_report(
         let seconds: f64 = slices.iter().map(|s| s.row.elapsed.as_secs_f64()).sum();
         let (user, system) = slices
             .iter()
-            .fold((0, 0), |(u, k), s| (u + s.cpu.0, k + s.cpu.1));
+            .fold((0.0, 0.0), |(u, k), s| (u + s.cpu.0, k + s.cpu.1));
         let mut latency = slices.first().map(|s| s.row.ok_latency.clone());
         if let Some(latency) = &mut latency {
             for s in slices.iter().skip(1) {
@@ -472,8 +480,8 @@ fn print_report(
             versus_off(mode, &Slice::throughput),
             latency.map_or(f64::NAN, |l| ms_at(&l, 0.99)),
             versus_off(mode, &Slice::p99_ms),
-            (user + system) as f64 * 1e6 / ticks_per_second() / requests.max(1) as f64,
-            system as f64 * 100.0 / (user + system).max(1) as f64,
+            us_per_request(user + system, requests),
+            system * 100.0 / (user + system).max(f64::MIN_POSITIVE),
             versus_off(mode, &Slice::cpu_us_per_request),
             spans_per_request[mode],
         );
