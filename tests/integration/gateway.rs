@@ -45,6 +45,80 @@ pub async fn gateway_with_open_deal(
     (stack, gateway, deal)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_order_is_answered_while_connections_are_recycled() {
+    // Every service sends GOAWAY on each connection after 100 ms, dozens of
+    // times during the run: calls queued on a closing connection must go
+    // out again on a new one, not come back as CANCELLED (which the edge
+    // would show as 499, "client closed request").
+    let mut env = StackEnv::new(Backend::Postgres).await;
+    env.set("FLASHMESH_MAX_CONNECTION_AGE", "100ms")
+        .set("FLASHMESH_RATE_LIMIT_IP", "1000000/s:1000000")
+        .set("FLASHMESH_RATE_LIMIT_USER", "1000000/s:1000000");
+    let (stack, gateway) = gateway_stack(&mut env).await;
+    let mut catalog = stack.catalog.catalog_client().await;
+    let deal = crate::common::create_deal(
+        &mut catalog,
+        &stack.catalog.admin_token,
+        100_000,
+        100_000,
+        crate::common::open_window(),
+    )
+    .await;
+    let http = http();
+    const BUYERS: usize = 24;
+    const ORDERS_EACH: usize = 64;
+    let tokens = futures::future::join_all((0..BUYERS).map(|_| sign_up_and_login(&http, &gateway)))
+        .await
+        .into_iter()
+        .map(|tokens| tokens["access_token"].as_str().unwrap().to_owned());
+    let buyers = tokens.map(|token| {
+        let (http, url, deal_id) = (http.clone(), gateway.url("/v1/orders"), deal.id.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..ORDERS_EACH {
+                let answer = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("idempotency-key", uuid::Uuid::new_v4().to_string())
+                    .json(&json!({"deal_id": deal_id, "quantity": 1}))
+                    .send()
+                    .await
+                    .unwrap();
+                if answer.status() != StatusCode::OK {
+                    failures.push(format!(
+                        "{}: {}",
+                        answer.status(),
+                        answer.text().await.unwrap()
+                    ));
+                }
+            }
+            failures
+        })
+    });
+    let failures: Vec<String> = futures::future::join_all(buyers)
+        .await
+        .into_iter()
+        .flat_map(Result::unwrap)
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} orders failed, e.g. {:?}",
+        failures.len(),
+        BUYERS * ORDERS_EACH,
+        failures.first()
+    );
+    // Every order answered is one sold, counted once.
+    let placed = (BUYERS * ORDERS_EACH) as i64;
+    let started = Instant::now();
+    let mut sales = crate::order::deal_sales(&stack, &deal.id).await;
+    while sales.units_sold < placed && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sales = crate::order::deal_sales(&stack, &deal.id).await;
+    }
+    assert_eq!((sales.units_sold, sales.orders_confirmed), (placed, placed));
+}
+
 async fn a_buyer_goes_from_signup_to_order_over_http(backend: Backend) {
     let mut env = StackEnv::new(backend).await;
     let (stack, gateway) = gateway_stack(&mut env).await;

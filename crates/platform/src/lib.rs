@@ -17,6 +17,7 @@ pub mod observe;
 pub mod paging;
 pub mod pubsub;
 pub mod redis;
+pub mod resend;
 pub mod runtime;
 pub mod streams;
 pub mod telemetry;

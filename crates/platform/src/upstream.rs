@@ -26,21 +26,16 @@ use tonic::{
     body::Body,
     transport::{Channel, Endpoint, channel::Change},
 };
-use tower::{ServiceExt, util::BoxCloneSyncService};
+use tower::util::BoxCloneSyncService;
 
 use crate::{
     config::Transport,
     http1json::{JsonChannel, Targets},
+    resend::ResendUnsent,
 };
 
 /// A client channel of either transport: gRPC requests in, gRPC answers out.
 pub type UpstreamChannel = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Status>;
-
-/// A transport failure of tonic's channel as the status tonic's clients
-/// would report (a refused connection is UNAVAILABLE).
-fn channel_status(error: tonic::transport::Error) -> Status {
-    Status::from_error(Box::new(error))
-}
 
 /// How the channel's connections behave.
 #[derive(Debug, Clone)]
@@ -157,7 +152,7 @@ pub async fn balanced_channel(
         Transport::Grpc => {
             let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
             (
-                UpstreamChannel::new(channel.map_err(channel_status)),
+                UpstreamChannel::new(ResendUnsent::new(channel)),
                 Sink::Grpc(changes),
             )
         }
@@ -196,11 +191,9 @@ pub fn lazy_channel(
                 url: url.to_owned(),
                 reason: e.to_string(),
             })?;
-            UpstreamChannel::new(
-                configure(endpoint, settings)
-                    .connect_lazy()
-                    .map_err(channel_status),
-            )
+            UpstreamChannel::new(ResendUnsent::new(
+                configure(endpoint, settings).connect_lazy(),
+            ))
         }
         Transport::Http1Json => json_channel(Arc::new(RwLock::new(vec![target.base()])), settings),
     })
