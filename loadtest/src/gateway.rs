@@ -278,7 +278,44 @@ pub(crate) fn http_callers(
     url: String,
     bearer: Option<String>,
 ) -> impl Fn(usize) -> BoxFuture<'static, Result<Outcome, Status>> + Clone {
-    let clients: Arc<Vec<reqwest::Client>> = Arc::new(
+    let clients = keep_alive_clients(callers);
+    let (url, bearer) = (Arc::new(url), Arc::new(bearer));
+    move |i: usize| {
+        let mut request = clients[i % clients.len()].get(url.as_str());
+        if let Some(bearer) = bearer.as_deref() {
+            request = request.header("authorization", bearer);
+        }
+        answer(request, Outcome::Ok { units: 0 }).boxed()
+    }
+}
+
+/// `POST /v1/orders` of one unit of `deal` on `gateway`, each under a fresh
+/// idempotency key, caller `i` as user `bearers[i % bearers.len()]` over
+/// its own keep-alive connection (as [`http_callers`]).
+pub(crate) fn order_callers(
+    callers: usize,
+    gateway: &str,
+    deal: &str,
+    bearers: Vec<String>,
+) -> impl Fn(usize) -> BoxFuture<'static, Result<Outcome, Status>> + Clone {
+    let clients = keep_alive_clients(callers);
+    let url = Arc::new(format!("http://{gateway}/v1/orders"));
+    let body = serde_json::json!({ "deal_id": deal, "quantity": 1 }).to_string();
+    let bearers = Arc::new(bearers);
+    move |i: usize| {
+        let request = clients[i % clients.len()]
+            .post(url.as_str())
+            .header("authorization", bearers[i % bearers.len()].as_str())
+            .header("idempotency-key", uuid::Uuid::new_v4().to_string())
+            .header("content-type", "application/json")
+            .body(body.clone());
+        answer(request, Outcome::Ok { units: 1 }).boxed()
+    }
+}
+
+/// A client per caller, so each keeps its own HTTP/1.1 connection.
+fn keep_alive_clients(callers: usize) -> Arc<Vec<reqwest::Client>> {
+    Arc::new(
         (0..callers)
             .map(|_| {
                 reqwest::Client::builder()
@@ -288,24 +325,12 @@ pub(crate) fn http_callers(
                     .expect("HTTP client")
             })
             .collect(),
-    );
-    let (url, bearer) = (Arc::new(url), Arc::new(bearer));
-    move |i: usize| {
-        let client = clients[i % clients.len()].clone();
-        let (url, bearer) = (url.clone(), bearer.clone());
-        async move { http_get(&client, &url, bearer.as_deref()).await }.boxed()
-    }
+    )
 }
 
-async fn http_get(
-    client: &reqwest::Client,
-    url: &str,
-    bearer: Option<&str>,
-) -> Result<Outcome, Status> {
-    let mut request = client.get(url);
-    if let Some(bearer) = bearer {
-        request = request.header("authorization", bearer);
-    }
+/// Sends `request`: `ok` for a 2xx answer (its body read), any other
+/// status an error with the body.
+async fn answer(request: reqwest::RequestBuilder, ok: Outcome) -> Result<Outcome, Status> {
     let response = request
         .send()
         .await
@@ -316,7 +341,7 @@ async fn http_get(
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     if status.is_success() {
-        Ok(Outcome::Ok { units: 0 })
+        Ok(ok)
     } else {
         Err(Status::unknown(format!(
             "HTTP {status}: {}",

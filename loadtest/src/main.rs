@@ -108,10 +108,14 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// Cache-hot GET /v1/deals/{id} through the gateway with trace export
-    /// off, on at 100% and on at 10% sampling (to an in-process OTLP sink),
-    /// and the server observation layer's cost per call.
+    /// Cache-hot GET /v1/deals/{id} (or POST /v1/orders) through the
+    /// gateway with trace export off, on at 100% and on at 10% sampling (to
+    /// an in-process OTLP sink), and the server observation layer's cost per
+    /// call.
     Tracing {
+        /// What the callers send.
+        #[arg(long, value_enum, default_value_t = trace_bench::Workload::Read)]
+        workload: trace_bench::Workload,
         /// How long each mode's slice of a cycle lasts (after a 2 s warm-up
         /// of each stack at the start).
         #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
@@ -247,12 +251,14 @@ async fn main() -> anyhow::Result<()> {
             gateway::gateway(&backends, &options).await
         }
         Bench::Tracing {
+            workload,
             duration,
             callers,
             rounds,
             layer_calls,
         } => {
             let options = trace_bench::TracingOptions {
+                workload,
                 duration,
                 callers,
                 rounds,

@@ -305,26 +305,8 @@ impl Checker {
         .context("counting order items")?;
 
         let target = i64::try_from(answered)?;
-        let (sales_units, sales_orders) = loop {
-            let mut request = Request::new(pb::GetDealSalesRequest {
-                deal_id: deal.to_owned(),
-            });
-            request
-                .metadata_mut()
-                .insert("authorization", self.admin.clone());
-            let sales = self
-                .orders
-                .get_deal_sales(request)
-                .await
-                .context("GetDealSales")?
-                .into_inner()
-                .sales
-                .context("GetDealSales answered no sales")?;
-            if sales.units_sold >= target || ended.elapsed() >= SALES_CATCH_UP {
-                break (sales.units_sold, sales.orders_confirmed);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let sales = sales_reaching(&mut self.orders, &self.admin, deal, target).await?;
+        let (sales_units, sales_orders) = (sales.units_sold, sales.orders_confirmed);
         let caught_up = ended.elapsed();
 
         tokio::time::sleep_until((ended + DEAL_CACHE_MAX_AGE).into()).await;
@@ -361,6 +343,37 @@ impl Checker {
             if check.holds() { "" } else { " — MISMATCH" },
         );
         Ok(check)
+    }
+}
+
+/// GetDealSales of `deal` (asked as the admin, `admin`) once it counts
+/// `units` sold, or as it is after [`SALES_CATCH_UP`]: the sales counter
+/// trails the orders by the outbox relay and the consumer.
+pub(crate) async fn sales_reaching(
+    orders: &mut OrderServiceClient<Channel>,
+    admin: &MetadataValue<Ascii>,
+    deal: &str,
+    units: i64,
+) -> anyhow::Result<pb::DealSales> {
+    let started = Instant::now();
+    loop {
+        let mut request = Request::new(pb::GetDealSalesRequest {
+            deal_id: deal.to_owned(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", admin.clone());
+        let sales = orders
+            .get_deal_sales(request)
+            .await
+            .context("GetDealSales")?
+            .into_inner()
+            .sales
+            .context("GetDealSales answered no sales")?;
+        if sales.units_sold >= units || started.elapsed() >= SALES_CATCH_UP {
+            return Ok(sales);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -1,7 +1,9 @@
 //! `flashmesh-loadtest tracing`: what observability costs.
 //!
-//! 1. End to end: cache-hot `GET /v1/deals/{id}` through the gateway (edge
-//!    span, catalog span, cache event) on a real `flashmesh up`, with trace
+//! 1. End to end: cache-hot `GET /v1/deals/{id}` (edge span, catalog span,
+//!    cache event), or `POST /v1/orders` (`--workload orders`: the whole
+//!    order path, its outbox event and the consumers that count it, with
+//!    their spans), through the gateway of a real `flashmesh up`, with trace
 //!    export off, on at 100% and on at 10% sampling (parent-based ratio,
 //!    decided at the edge), against a real OTLP/gRPC sink: an in-process
 //!    TraceService per mode that decodes every export and counts its spans.
@@ -23,33 +25,62 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use clap::ValueEnum;
 use flashmesh_platform::{
     config::Env,
     metrics::Metrics,
     observe::ServerObserveLayer,
     telemetry::{Telemetry, TelemetryConfig},
 };
+use flashmesh_proto::order::v1::order_service_client::OrderServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
     trace_service_server::{TraceService, TraceServiceServer},
 };
 use tokio::net::TcpListener;
-use tonic::Status;
+use tonic::{
+    Status,
+    metadata::{Ascii, MetadataValue},
+    transport::Channel,
+};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::{
-    gateway::http_callers,
+    gateway::{http_callers, order_callers},
+    orders::sales_reaching,
     procfs::{process_cpu_split, ticks_per_second},
     run::{Row, median_interval, ms_at, run},
-    stack::{Backends, Mode, Stack, UNTHROTTLED},
+    stack::{Backends, CHEAP_HASHING, Mode, Stack, UNTHROTTLED},
 };
 
 pub struct TracingOptions {
+    pub workload: Workload,
     pub duration: Duration,
     pub callers: usize,
     pub rounds: usize,
     pub layer_calls: usize,
+}
+
+/// What every caller does, over and over.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Workload {
+    /// `GET /v1/deals/{id}`, answered from the catalog's cache: the
+    /// cheapest request, so the largest share for tracing.
+    Read,
+    /// `POST /v1/orders` of one unit under a fresh idempotency key, each
+    /// caller as a user of its own; a slice ends once the sales consumer
+    /// has counted every order it placed.
+    Orders,
+}
+
+impl Workload {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Read => "GetDeal (cache hot) via gateway",
+            Self::Orders => "POST /v1/orders via gateway",
+        }
+    }
 }
 
 /// (label, short label, sampling ratio; `None` = no exporter). "Off" comes
@@ -180,7 +211,55 @@ impl Cycle {
 struct Contender {
     stack: Stack,
     spans: SpanCounter,
-    url: String,
+    deal: String,
+    /// One user's `authorization` per caller (orders only).
+    bearers: Vec<String>,
+    /// Asks for the deal's sales (orders only).
+    sales: Option<(OrderServiceClient<Channel>, MetadataValue<Ascii>)>,
+    /// Units the callers were told they bought, so far.
+    units: AtomicU64,
+}
+
+impl Contender {
+    /// `callers` concurrent loops of `workload` for `duration`; for orders,
+    /// also waits until the sales consumer has counted every unit sold.
+    async fn load(
+        &self,
+        workload: Workload,
+        scenario: &str,
+        callers: usize,
+        duration: Duration,
+    ) -> anyhow::Result<Row> {
+        let gateway = &self.stack.gateway_addr;
+        let row = match workload {
+            Workload::Read => {
+                let url = format!("http://{gateway}/v1/deals/{}", self.deal);
+                let call = http_callers(callers, url, None);
+                run(scenario, Mode::RedisGate, callers, duration, call).await
+            }
+            Workload::Orders => {
+                let call = order_callers(callers, gateway, &self.deal, self.bearers.clone());
+                run(scenario, Mode::RedisGate, callers, duration, call).await
+            }
+        };
+        let units = self.units.fetch_add(row.units, Ordering::Relaxed) + row.units;
+        if let Some((orders, admin)) = &self.sales {
+            let sold = sales_reaching(
+                &mut orders.clone(),
+                admin,
+                &self.deal,
+                i64::try_from(units)?,
+            )
+            .await?
+            .units_sold;
+            if sold != i64::try_from(units)? {
+                bail!(
+                    "{scenario}: the callers bought {units} units, the sales counter says {sold}"
+                );
+            }
+        }
+        Ok(row)
+    }
 }
 
 /// The order of the modes in each cycle, in turn: every mode runs first,
@@ -197,6 +276,9 @@ const ORDERS: [[usize; 3]; 6] = [
     [0, 2, 1],
 ];
 
+/// Units on sale, and any one user's limit: more than a run sells.
+const DEAL_STOCK: i32 = 10_000_000;
+
 /// The exporter sends every second (`OTEL_BSP_SCHEDULE_DELAY`): after a
 /// slice its stack is given this long, still counted, to send the spans the
 /// slice made, before the next slice starts.
@@ -209,6 +291,10 @@ pub async fn tracing(backends: &Backends, options: &TracingOptions) -> anyhow::R
         // A sink per stack, so each mode's spans are counted apart.
         let (endpoint, spans) = start_sink().await?;
         let mut env = UNTHROTTLED.to_vec();
+        env.extend_from_slice(CHEAP_HASHING);
+        // Three stacks of three services each share PostgreSQL's default
+        // 100 connections: 3 × 3 × 10 fit, the bench's default 20 do not.
+        env.push(("DATABASE_MAX_CONNECTIONS", "10"));
         if let Some(ratio) = ratio {
             env.extend([
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
@@ -217,9 +303,31 @@ pub async fn tracing(backends: &Backends, options: &TracingOptions) -> anyhow::R
             ]);
         }
         let stack = Stack::up(Mode::RedisGate, backends, &env).await?;
-        let deal = stack.create_deal(1_000_000, 1_000_000).await;
-        let url = format!("http://{}/v1/deals/{}", stack.gateway_addr, deal?);
-        contenders.push(Contender { stack, spans, url });
+        let deal = stack.create_deal(DEAL_STOCK, DEAL_STOCK).await?;
+        let (bearers, sales) = match options.workload {
+            Workload::Read => (Vec::new(), None),
+            Workload::Orders => {
+                let users = stack.sign_up_users(options.callers, 8).await?;
+                let bearers = users
+                    .iter()
+                    .map(|b| b.to_str().map(str::to_owned))
+                    .collect::<Result<_, _>>()?;
+                let orders = stack
+                    .order_clients(1)
+                    .await?
+                    .pop()
+                    .context("an order client")?;
+                (bearers, Some((orders, stack.admin_bearer()?)))
+            }
+        };
+        contenders.push(Contender {
+            stack,
+            spans,
+            deal,
+            bearers,
+            sales,
+            units: AtomicU64::new(0),
+        });
     }
     let result = take_turns(&contenders, options).await;
     for contender in contenders {
@@ -239,16 +347,15 @@ async fn take_turns(
 ) -> anyhow::Result<(Vec<Cycle>, Vec<f64>)> {
     for (contender, (label, _, _)) in contenders.iter().zip(MODES) {
         // Connections, caches, lazily built state.
-        let call = http_callers(options.callers, contender.url.clone(), None);
-        let scenario = format!("GetDeal via gateway, trace {label} (warm-up)");
-        run(
-            &scenario,
-            Mode::RedisGate,
-            options.callers,
-            Duration::from_secs(2),
-            call,
-        )
-        .await;
+        let scenario = format!("{}, trace {label} (warm-up)", options.workload.label());
+        contender
+            .load(
+                options.workload,
+                &scenario,
+                options.callers,
+                Duration::from_secs(2),
+            )
+            .await?;
     }
     tokio::time::sleep(SETTLE).await;
     let spans_before: Vec<u64> = contenders.iter().map(|c| c.spans.count()).collect();
@@ -297,16 +404,15 @@ async fn slice(
 ) -> anyhow::Result<Slice> {
     let pid = contender.stack.pid("up")?;
     let before = process_cpu_split(pid);
-    let call = http_callers(options.callers, contender.url.clone(), None);
-    let scenario = format!("GetDeal via gateway, trace {}", MODES[mode].0);
-    let row = run(
-        &scenario,
-        Mode::RedisGate,
-        options.callers,
-        options.duration,
-        call,
-    )
-    .await;
+    let scenario = format!("{}, trace {}", options.workload.label(), MODES[mode].0);
+    let row = contender
+        .load(
+            options.workload,
+            &scenario,
+            options.callers,
+            options.duration,
+        )
+        .await?;
     tokio::time::sleep(SETTLE).await;
     let after = process_cpu_split(pid);
     Ok(Slice {
@@ -390,13 +496,26 @@ fn print_report(
     spans_per_request: &[f64],
     layer: &LayerCosts,
 ) {
+    let workload = options
+        .workload
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned());
     println!(
-        "flashmesh-loadtest tracing --duration {:?} --callers {} --rounds {} --layer-calls {}\n",
+        "flashmesh-loadtest tracing --workload {workload} --duration {:?} --callers {} --rounds {} --layer-calls {}\n",
         options.duration, options.callers, options.rounds, options.layer_calls
     );
+    let counted = match options.workload {
+        Workload::Read => "",
+        Workload::Orders => {
+            " A slice ends once the sales consumer has counted every order it placed."
+        }
+    };
     println!(
-        "One `flashmesh up` per mode, all three running at once; in each cycle every mode gets one slice of {:?} with {} callers, in the order shown, each followed by {:?} for its exporter to send (its CPU time counted).\n",
-        options.duration, options.callers, SETTLE
+        "{}: one `flashmesh up` per mode, all three running at once; in each cycle every mode gets one slice of {:?} with {} callers, in the order shown, each followed by {:?} for its exporter to send (its CPU time counted).{counted}\n",
+        options.workload.label(),
+        options.duration,
+        options.callers,
+        SETTLE
     );
     let columns = |what: &str| {
         MODES
