@@ -214,12 +214,17 @@ const FORWARDED: [header::HeaderName; 2] = [header::AUTHORIZATION, telemetry::X_
 /// The caller's trace context, passed on as it came when the edge does not
 /// trace (with tracing on, the upstream call carries the edge's decision).
 const TRACE_CONTEXT: [header::HeaderName; 2] = [telemetry::TRACEPARENT, telemetry::TRACESTATE];
+/// Headers tonic and hyper add to the same map on the way out (`te`,
+/// `content-type`, `grpc-timeout`, `user-agent`, `content-length`): sized
+/// for them too, it never grows (a rehash into a new allocation) per call.
+const ADDED_ON_THE_WAY_OUT: usize = 5;
 
 fn upstream_request(
     message: DynamicMessage,
     headers: &HeaderMap,
 ) -> tonic::Request<DynamicMessage> {
-    let mut metadata = HeaderMap::with_capacity(FORWARDED.len() + TRACE_CONTEXT.len());
+    let mut metadata =
+        HeaderMap::with_capacity(FORWARDED.len() + TRACE_CONTEXT.len() + ADDED_ON_THE_WAY_OUT);
     let traced = Context::map_current(|cx| telemetry::inject_new(cx, &mut metadata));
     let trace_context: &[header::HeaderName] = if traced { &[] } else { &TRACE_CONTEXT };
     for name in FORWARDED.iter().chain(trace_context) {
