@@ -297,7 +297,7 @@ pub(crate) fn order_callers(
     gateway: &str,
     deal: &str,
     bearers: Vec<String>,
-) -> impl Fn(usize) -> BoxFuture<'static, Result<Outcome, Status>> + Clone {
+) -> impl Fn(usize) -> BoxFuture<'static, Result<Outcome, Status>> + Clone + use<> {
     let clients = keep_alive_clients(callers);
     let url = Arc::new(format!("http://{gateway}/v1/orders"));
     let body = serde_json::json!({ "deal_id": deal, "quantity": 1 }).to_string();

@@ -120,8 +120,16 @@ enum Bench {
         /// of each stack at the start).
         #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Concurrent callers, each calling again as soon as it is answered
+        /// (the stack at saturation); with `--rate`, the keep-alive
+        /// connections the calls are spread over.
         #[arg(long, default_value_t = 64)]
         callers: usize,
+        /// Calls started per second, on schedule whatever the answers take
+        /// (open loop), instead of closed-loop callers: latency at a set
+        /// load below saturation.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        rate: Option<u32>,
         /// Cycles: in each, every mode's stack gets one slice, in turn.
         #[arg(long, default_value_t = 12)]
         rounds: usize,
@@ -254,6 +262,7 @@ async fn main() -> anyhow::Result<()> {
             workload,
             duration,
             callers,
+            rate,
             rounds,
             layer_calls,
         } => {
@@ -261,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
                 workload,
                 duration,
                 callers,
+                rate,
                 rounds,
                 layer_calls,
             };

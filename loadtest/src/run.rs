@@ -95,6 +95,36 @@ impl Row {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// One answer to a call started at `began`, the run having started at
+    /// `started`.
+    fn record(&mut self, began: Instant, started: Instant, answer: Result<Outcome, Status>) {
+        let micros = u64::try_from(began.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.latency.saturating_record(micros);
+        match answer {
+            Ok(Outcome::Ok { units }) => {
+                self.ok += 1;
+                self.units += units;
+                self.ok_latency.saturating_record(micros);
+                self.last_ok = Some(started.elapsed());
+            }
+            Ok(Outcome::Refused(reason)) => *self.refused.entry(reason).or_default() += 1,
+            Err(status) => {
+                self.errors
+                    .entry(error_label(&status))
+                    .or_insert_with(|| (0, status.message().to_owned()))
+                    .0 += 1;
+            }
+        }
+    }
+
+    fn print_errors(&self) {
+        for (label, (n, sample)) in &self.errors {
+            eprintln!("    {n} × {label}, first: {sample}");
+        }
+    }
+
     fn merge(&mut self, other: Self) {
         self.ok += other.ok;
         self.units += other.units;
@@ -153,25 +183,7 @@ where
             while Instant::now() < deadline {
                 let began = Instant::now();
                 let answer = call(caller + n * callers).await;
-                let micros = u64::try_from(began.elapsed().as_micros())
-                    .unwrap_or(u64::MAX)
-                    .max(1);
-                row.latency.saturating_record(micros);
-                match answer {
-                    Ok(Outcome::Ok { units }) => {
-                        row.ok += 1;
-                        row.units += units;
-                        row.ok_latency.saturating_record(micros);
-                        row.last_ok = Some(started.elapsed());
-                    }
-                    Ok(Outcome::Refused(reason)) => *row.refused.entry(reason).or_default() += 1,
-                    Err(status) => {
-                        row.errors
-                            .entry(error_label(&status))
-                            .or_insert_with(|| (0, status.message().to_owned()))
-                            .0 += 1;
-                    }
-                }
+                row.record(began, started, answer);
                 n += 1;
             }
             row
@@ -183,9 +195,66 @@ where
     for result in results {
         row.merge(result);
     }
-    for (label, (n, sample)) in &row.errors {
-        eprintln!("    {n} × {label}, first: {sample}");
+    row.print_errors();
+    row
+}
+
+/// Starts `call` `rate` times a second for `duration`, on schedule whatever
+/// the answers take (open loop, like `ghz --rps` or k6's
+/// constant-arrival-rate), passing `0, 1, 2, …`. Each latency counts from
+/// the moment its call was due, so a stall also delays the calls that were
+/// due during it (no coordinated omission). The row's `callers` is 0.
+pub async fn run_paced<F, Fut>(
+    scenario: &str,
+    mode: Mode,
+    rate: u32,
+    duration: Duration,
+    call: F,
+) -> Row
+where
+    F: Fn(usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Outcome, Status>> + Send + 'static,
+{
+    eprintln!("  {scenario}: {rate} calls/s for {duration:?}");
+    let runtime = tokio::runtime::Handle::current();
+    let interval = Duration::from_secs(1) / rate.max(1);
+    let started = Instant::now();
+    let answers = Arc::new(std::sync::Mutex::new(Row::empty(scenario, mode, 0)));
+    let dispatch = {
+        let answers = answers.clone();
+        // A thread of its own: the runtime's timer ticks in milliseconds,
+        // which would send the calls in bursts.
+        tokio::task::spawn_blocking(move || {
+            let mut calls = Vec::new();
+            for n in 0.. {
+                let due = started + interval * n;
+                if due.duration_since(started) >= duration {
+                    break;
+                }
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                let answer = call(n as usize);
+                let answers = answers.clone();
+                calls.push(runtime.spawn(async move {
+                    let answer = answer.await;
+                    if let Ok(mut row) = answers.lock() {
+                        row.record(due, started, answer);
+                    }
+                }));
+            }
+            calls
+        })
+    };
+    // A call whose task panicked goes uncounted (the callers return errors
+    // as answers; they do not panic).
+    for call in dispatch.await.unwrap_or_default() {
+        let _ = call.await;
     }
+    let mut row = match Arc::try_unwrap(answers).map(std::sync::Mutex::into_inner) {
+        Ok(Ok(row)) => row,
+        _ => Row::empty(scenario, mode, 0),
+    };
+    row.elapsed = started.elapsed();
+    row.print_errors();
     row
 }
 
@@ -241,5 +310,42 @@ mod tests {
         // Too few for a narrower interval than all of them.
         assert_eq!(median_interval(five), Some((3.0, 1.0, 5.0)));
         assert_eq!(median_interval([]), None);
+    }
+
+    /// Open loop: calls start on schedule however long the answers take,
+    /// unlike a closed-loop caller, which would manage 5 of these in 250 ms.
+    #[tokio::test]
+    async fn paced_calls_start_on_schedule_whatever_the_answers_take() {
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let calls = started.clone();
+        let row = run_paced(
+            "paced",
+            Mode::RedisGate,
+            200,
+            Duration::from_millis(250),
+            move |n| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if n % 10 == 9 {
+                        Err(Status::unavailable("every tenth fails"))
+                    } else {
+                        Ok(Outcome::Ok { units: 1 })
+                    }
+                }
+            },
+        )
+        .await;
+        // One call due every 5 ms from 0 up to (not including) 250 ms.
+        assert_eq!(started.load(std::sync::atomic::Ordering::Relaxed), 50);
+        assert_eq!((row.ok, row.units, row.errors_total()), (45, 45, 5));
+        assert_eq!(row.calls(), 50);
+        // Each answer took 50 ms, counted from when its call was due.
+        assert!(row.latency.min() >= 50_000, "{}", row.latency.min());
+        assert!(
+            row.elapsed >= Duration::from_millis(295),
+            "{:?}",
+            row.elapsed
+        );
     }
 }

@@ -11,7 +11,10 @@
 //!    slice each, so a machine whose speed drifts over minutes (a shared VM)
 //!    moves every mode of a cycle alike, and each cycle's ratio to "off"
 //!    cancels it; the report gives the median ratio with a confidence
-//!    interval.
+//!    interval. The load is closed-loop callers (the stack at saturation)
+//!    or, with `--rate`, calls started on schedule (latency at a set load).
+//!    The sinks run on a thread of their own, as a collector would, not on
+//!    the threads that send the load and time it.
 //! 2. The server layer alone: [`ServerObserveLayer`] around a no-op service,
 //!    called in a loop, next to the bare service — the per-call cost of the
 //!    RED metrics (tracing off) and of the sampling decision and spans.
@@ -50,7 +53,7 @@ use crate::{
     gateway::{http_callers, order_callers},
     orders::sales_reaching,
     procfs::{process_cpu_split, ticks_per_second},
-    run::{Row, median_interval, ms_at, run},
+    run::{Outcome, Row, median_interval, ms_at, run, run_paced},
     stack::{Backends, CHEAP_HASHING, Mode, Stack, UNTHROTTLED},
 };
 
@@ -58,6 +61,8 @@ pub struct TracingOptions {
     pub workload: Workload,
     pub duration: Duration,
     pub callers: usize,
+    /// Calls per second (open loop) instead of closed-loop callers.
+    pub rate: Option<u32>,
     pub rounds: usize,
     pub layer_calls: usize,
 }
@@ -121,11 +126,19 @@ impl TraceService for SpanCounter {
     }
 }
 
-async fn start_sink() -> anyhow::Result<(String, SpanCounter)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+/// A sink on `runtime`: a collector's decoding runs on threads of its own,
+/// as it would in a collector's process, never on the threads that send
+/// the load and time its answers.
+fn start_sink(runtime: &tokio::runtime::Runtime) -> anyhow::Result<(String, SpanCounter)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let counter = SpanCounter::default();
-    tokio::spawn(sink(listener, counter.clone()));
+    let listener = {
+        let _sinks = runtime.enter();
+        TcpListener::from_std(listener)?
+    };
+    runtime.spawn(sink(listener, counter.clone()));
     Ok((format!("http://{addr}"), counter))
 }
 
@@ -221,25 +234,27 @@ struct Contender {
 }
 
 impl Contender {
-    /// `callers` concurrent loops of `workload` for `duration`; for orders,
-    /// also waits until the sales consumer has counted every unit sold.
+    /// `workload` for `duration`: `options.callers` concurrent loops, or
+    /// `options.rate` calls a second over that many connections; for
+    /// orders, also waits until the sales consumer has counted every unit
+    /// sold.
     async fn load(
         &self,
-        workload: Workload,
+        options: &TracingOptions,
         scenario: &str,
-        callers: usize,
         duration: Duration,
     ) -> anyhow::Result<Row> {
         let gateway = &self.stack.gateway_addr;
-        let row = match workload {
+        let callers = options.callers;
+        let row = match options.workload {
             Workload::Read => {
                 let url = format!("http://{gateway}/v1/deals/{}", self.deal);
                 let call = http_callers(callers, url, None);
-                run(scenario, Mode::RedisGate, callers, duration, call).await
+                drive(options, scenario, duration, call).await
             }
             Workload::Orders => {
                 let call = order_callers(callers, gateway, &self.deal, self.bearers.clone());
-                run(scenario, Mode::RedisGate, callers, duration, call).await
+                drive(options, scenario, duration, call).await
             }
         };
         let units = self.units.fetch_add(row.units, Ordering::Relaxed) + row.units;
@@ -259,6 +274,18 @@ impl Contender {
             }
         }
         Ok(row)
+    }
+}
+
+/// `call` for `duration` as `options` say: closed-loop callers, or a rate.
+async fn drive<F, Fut>(options: &TracingOptions, scenario: &str, duration: Duration, call: F) -> Row
+where
+    F: Fn(usize) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Outcome, Status>> + Send + 'static,
+{
+    match options.rate {
+        None => run(scenario, Mode::RedisGate, options.callers, duration, call).await,
+        Some(rate) => run_paced(scenario, Mode::RedisGate, rate, duration, call).await,
     }
 }
 
@@ -285,11 +312,26 @@ const DEAL_STOCK: i32 = 10_000_000;
 const SETTLE: Duration = Duration::from_millis(1500);
 
 pub async fn tracing(backends: &Backends, options: &TracingOptions) -> anyhow::Result<()> {
+    let sinks = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("otlp-sink")
+        .enable_all()
+        .build()?;
+    let result = take_part(backends, options, &sinks).await;
+    sinks.shutdown_background();
+    result
+}
+
+async fn take_part(
+    backends: &Backends,
+    options: &TracingOptions,
+    sinks: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
     let mut contenders = Vec::new();
     for (label, _, ratio) in MODES {
         eprintln!("starting the stack with trace {label}");
         // A sink per stack, so each mode's spans are counted apart.
-        let (endpoint, spans) = start_sink().await?;
+        let (endpoint, spans) = start_sink(sinks)?;
         let mut env = UNTHROTTLED.to_vec();
         env.extend_from_slice(CHEAP_HASHING);
         // Three stacks of three services each share PostgreSQL's default
@@ -334,7 +376,7 @@ pub async fn tracing(backends: &Backends, options: &TracingOptions) -> anyhow::R
         contender.stack.down().await?;
     }
     let (cycles, spans_per_request) = result?;
-    let layer = layer_costs(options.layer_calls).await?;
+    let layer = layer_costs(options.layer_calls, sinks).await?;
     print_report(options, &cycles, &spans_per_request, &layer);
     Ok(())
 }
@@ -349,12 +391,7 @@ async fn take_turns(
         // Connections, caches, lazily built state.
         let scenario = format!("{}, trace {label} (warm-up)", options.workload.label());
         contender
-            .load(
-                options.workload,
-                &scenario,
-                options.callers,
-                Duration::from_secs(2),
-            )
+            .load(options, &scenario, Duration::from_secs(2))
             .await?;
     }
     tokio::time::sleep(SETTLE).await;
@@ -405,14 +442,7 @@ async fn slice(
     let pid = contender.stack.pid("up")?;
     let before = process_cpu_split(pid);
     let scenario = format!("{}, trace {}", options.workload.label(), MODES[mode].0);
-    let row = contender
-        .load(
-            options.workload,
-            &scenario,
-            options.callers,
-            options.duration,
-        )
-        .await?;
+    let row = contender.load(options, &scenario, options.duration).await?;
     tokio::time::sleep(SETTLE).await;
     let after = process_cpu_split(pid);
     Ok(Slice {
@@ -431,8 +461,8 @@ struct LayerCosts {
     modes: Vec<(&'static str, f64)>,
 }
 
-async fn layer_costs(calls: usize) -> anyhow::Result<LayerCosts> {
-    let (endpoint, _) = start_sink().await?;
+async fn layer_costs(calls: usize, sinks: &tokio::runtime::Runtime) -> anyhow::Result<LayerCosts> {
+    let (endpoint, _) = start_sink(sinks)?;
     let rpc = "flashmesh.catalog.v1.CatalogService/GetDeal";
     let noop = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
         Ok::<_, Infallible>(http::Response::new(tonic::body::Body::empty()))
@@ -500,8 +530,18 @@ fn print_report(
         .workload
         .to_possible_value()
         .map_or_else(String::new, |v| v.get_name().to_owned());
+    let (rate_flag, load) = match options.rate {
+        None => (String::new(), format!("{} callers", options.callers)),
+        Some(rate) => (
+            format!(" --rate {rate}"),
+            format!(
+                "{rate} calls/s over {} connections (open loop: each latency counts from when its call was due)",
+                options.callers
+            ),
+        ),
+    };
     println!(
-        "flashmesh-loadtest tracing --workload {workload} --duration {:?} --callers {} --rounds {} --layer-calls {}\n",
+        "flashmesh-loadtest tracing --workload {workload} --duration {:?} --callers {}{rate_flag} --rounds {} --layer-calls {}\n",
         options.duration, options.callers, options.rounds, options.layer_calls
     );
     let counted = match options.workload {
@@ -511,10 +551,9 @@ fn print_report(
         }
     };
     println!(
-        "{}: one `flashmesh up` per mode, all three running at once; in each cycle every mode gets one slice of {:?} with {} callers, in the order shown, each followed by {:?} for its exporter to send (its CPU time counted).{counted}\n",
+        "{}: one `flashmesh up` per mode, all three running at once; in each cycle every mode gets one slice of {:?} with {load}, in the order shown, each followed by {:?} for its exporter to send (its CPU time counted).{counted}\n",
         options.workload.label(),
         options.duration,
-        options.callers,
         SETTLE
     );
     let columns = |what: &str| {

@@ -60,6 +60,10 @@ pub struct TelemetryConfig {
     pub batch_delay: Duration,
     /// `OTEL_BSP_MAX_QUEUE_SIZE`: spans queued before new ones are dropped.
     pub max_queue_size: usize,
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`: spans sent at most per export.
+    /// Smaller batches cost more CPU per span but shorter bursts of it,
+    /// which is what a latency tail feels (README, Measured → Tracing).
+    pub max_export_batch_size: usize,
     /// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` or `OTEL_EXPORTER_OTLP_TIMEOUT`
     /// (milliseconds): how long one export may take.
     pub export_timeout: Duration,
@@ -212,6 +216,15 @@ impl TelemetryConfig {
             }
             _ => None,
         };
+        let max_queue_size = env.ranged_or("OTEL_BSP_MAX_QUEUE_SIZE", 8192, 16..=1_000_000)?;
+        let max_export_batch_size: usize =
+            env.ranged_or("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, 1..=1_000_000)?;
+        if max_export_batch_size > max_queue_size {
+            return Err(invalid(
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                "must not exceed OTEL_BSP_MAX_QUEUE_SIZE",
+            ));
+        }
         Ok(Self {
             otlp_endpoint,
             service_name: env.raw("OTEL_SERVICE_NAME").map(|s| s.trim().to_owned()),
@@ -225,7 +238,8 @@ impl TelemetryConfig {
                 1000,
                 1..=60_000,
             )?),
-            max_queue_size: env.ranged_or("OTEL_BSP_MAX_QUEUE_SIZE", 8192, 16..=1_000_000)?,
+            max_queue_size,
+            max_export_batch_size,
             export_timeout: Duration::from_millis(env.ranged_or(timeout_var, 5000, 1..=600_000)?),
         })
     }
@@ -320,6 +334,7 @@ impl Telemetry {
                         BatchConfigBuilder::default()
                             .with_scheduled_delay(config.batch_delay)
                             .with_max_queue_size(config.max_queue_size)
+                            .with_max_export_batch_size(config.max_export_batch_size)
                             .build(),
                     )
                     .build();
@@ -916,6 +931,16 @@ mod tests {
             Some("http://collector:4317")
         );
         assert_eq!(config.export_timeout, Duration::from_secs(5));
+        assert_eq!(config.max_export_batch_size, 512);
+        let batches = Env::from_pairs([
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "128"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "2048"),
+        ]);
+        let config = TelemetryConfig::from_env(&batches).expect("valid");
+        assert_eq!(
+            (config.max_export_batch_size, config.max_queue_size),
+            (128, 2048)
+        );
         let timeouts = |pairs: &[(&str, &str)]| {
             TelemetryConfig::from_env(&Env::from_pairs(pairs.iter().copied()))
                 .map(|config| config.export_timeout)
@@ -986,6 +1011,8 @@ mod tests {
                 "grpc://collector:4317",
             ),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "0"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8193"),
         ] {
             let err = TelemetryConfig::from_env(&Env::from_pairs([(var, value)])).unwrap_err();
             assert_eq!(err.var, var);
