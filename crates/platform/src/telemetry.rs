@@ -935,13 +935,13 @@ mod tests {
         assert_eq!(config.export_timeout, Duration::from_secs(5));
         assert_eq!(config.max_export_batch_size, 128);
         let batches = Env::from_pairs([
-            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "128"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512"),
             ("OTEL_BSP_MAX_QUEUE_SIZE", "2048"),
         ]);
         let config = TelemetryConfig::from_env(&batches).expect("valid");
         assert_eq!(
             (config.max_export_batch_size, config.max_queue_size),
-            (128, 2048)
+            (512, 2048)
         );
         let timeouts = |pairs: &[(&str, &str)]| {
             TelemetryConfig::from_env(&Env::from_pairs(pairs.iter().copied()))
