@@ -12,6 +12,11 @@
 //! [`ResendUnsent`] keeps each call's request until the channel has taken
 //! it, and sends it again, on a connection of its own, up to [`SENDS`] times
 //! in all.
+//!
+//! A call whose connection was lost after it went out (closed or reset with
+//! no answer yet) may have been processed, so it is not sent again: it fails
+//! as UNAVAILABLE, as gRPC reports a connection lost mid-call, rather than as
+//! tonic's UNKNOWN, which the gateway would have to answer with a 500.
 
 use std::{
     error::Error as StdError,
@@ -125,14 +130,40 @@ fn unprocessed(error: &tonic::transport::Error) -> bool {
 }
 
 /// A transport failure as the status tonic's clients would report (a
-/// refused connection is UNAVAILABLE), except that a call still
-/// unprocessed after every try is UNAVAILABLE too, never CANCELLED (nobody
-/// cancelled it) or INTERNAL (nothing went wrong but a closing connection).
+/// refused connection is UNAVAILABLE, an HTTP/2 reset by its reason),
+/// except that a call still unprocessed after every try is UNAVAILABLE too,
+/// never CANCELLED (nobody cancelled it) or INTERNAL (nothing went wrong but
+/// a closing connection), and so is a call whose connection broke before its
+/// answer came, which tonic leaves UNKNOWN.
 fn status(error: tonic::transport::Error) -> Status {
     if unprocessed(&error) {
-        return Status::unavailable("the connection closed before the service took the call");
+        return Status::unavailable(UNPROCESSED);
     }
-    Status::from_error(Box::new(error))
+    let connection_lost = lost_connection(&error);
+    let status = Status::from_error(Box::new(error));
+    if status.code() == tonic::Code::Unknown && connection_lost {
+        return Status::unavailable(CONNECTION_LOST);
+    }
+    status
+}
+
+const UNPROCESSED: &str = "the connection closed before the service took the call";
+const CONNECTION_LOST: &str = "the connection was lost before the service answered";
+
+/// Whether the call failed on an I/O error of its connection (closed or
+/// reset by the other end).
+fn lost_connection(error: &tonic::transport::Error) -> bool {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.is::<std::io::Error>() {
+            return true;
+        }
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_io();
+        }
+        source = error.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -167,57 +198,101 @@ mod tests {
     }
 
     /// `callers` concurrent loops of Health/Check over `channel` for
-    /// `duration`: (answered, failed, one failure's status).
+    /// `duration`: (calls answered, statuses of the calls that failed).
     async fn hammer(
         channel: BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Status>,
         callers: usize,
         duration: Duration,
-    ) -> (u64, u64, Option<Status>) {
-        let (answered, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    ) -> (u64, Vec<Status>) {
         let deadline = Instant::now() + duration;
         let loops = (0..callers).map(|_| {
             let mut client = HealthClient::new(channel.clone());
-            let (answered, failed) = (answered.clone(), failed.clone());
             tokio::spawn(async move {
-                let mut failure = None;
+                let (mut answered, mut failures) = (0, Vec::new());
                 while Instant::now() < deadline {
                     match client.check(HealthCheckRequest::default()).await {
-                        Ok(_) => answered.fetch_add(1, Ordering::Relaxed),
-                        Err(status) => {
-                            failure = Some(status);
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
+                        Ok(_) => answered += 1,
+                        Err(status) => failures.push(status),
+                    }
                 }
-                failure
+                (answered, failures)
             })
         });
-        let failures = futures::future::join_all(loops).await;
-        let failure = failures.into_iter().find_map(|f| f.unwrap());
-        (
-            answered.load(Ordering::Relaxed),
-            failed.load(Ordering::Relaxed),
-            failure,
-        )
+        let mut total = (0, Vec::new());
+        for outcome in futures::future::join_all(loops).await {
+            let (answered, failures) = outcome.unwrap();
+            total.0 += answered;
+            total.1.extend(failures);
+        }
+        total
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn calls_racing_a_goaway_are_sent_again_and_all_answered() {
+    async fn calls_racing_a_goaway_are_sent_again_and_answered() {
         // A GOAWAY every 100 ms under 64 callers: some thirty connections
         // close with calls queued on them (without resending, hundreds of
-        // calls fail).
+        // calls fail). Rarely, on a loaded machine, a connection also ends
+        // under calls already sent (tens of 20,000+ in one CI run): those
+        // are not sent again and must fail as UNAVAILABLE.
         let addr = ageing_server(Duration::from_millis(100)).await;
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
-        let (answered, failed, failure) = hammer(
+        let (answered, failures) = hammer(
             BoxCloneSyncService::new(ResendUnsent::new(channel)),
             64,
             Duration::from_secs(3),
         )
         .await;
         assert!(answered > 1_000, "only {answered} calls answered");
-        assert_eq!(failed, 0, "{failed} of {answered} failed: {failure:?}");
+        let unsent = failures.iter().filter(|s| s.message() == UNPROCESSED);
+        assert_eq!(unsent.count(), 0, "unsent calls failed: {failures:?}");
+        let lost = failures
+            .iter()
+            .filter(|s| s.code() == tonic::Code::Unavailable && s.message() == CONNECTION_LOST);
+        assert_eq!(lost.count(), failures.len(), "{failures:?}");
+        assert!(
+            failures.len() as u64 * 100 < answered,
+            "{} of {answered} calls lost",
+            failures.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_connection_breaks_is_unavailable_and_not_sent_again() {
+        // A server that takes the call, then closes the connection without
+        // answering: it may have processed the call.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let taken = Arc::new(AtomicU64::new(0));
+        let count = taken.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut connection = h2::server::handshake(socket).await.unwrap();
+                    if let Some(Ok(call)) = connection.accept().await {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        // The connection goes; the call's handles stay, so
+                        // that no reset of the stream is sent.
+                        drop(connection);
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        drop(call);
+                    }
+                });
+            }
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let mut client = HealthClient::new(ResendUnsent::new(channel));
+        let status = client
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), CONNECTION_LOST, "{status:?}");
+        assert_eq!(taken.load(Ordering::Relaxed), 1, "sent once only");
     }
 
     #[tokio::test]
