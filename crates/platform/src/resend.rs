@@ -282,14 +282,7 @@ mod tests {
                 });
             }
         });
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
-        let mut client = HealthClient::new(ResendUnsent::new(channel));
-        let status = client
-            .check(HealthCheckRequest::default())
-            .await
-            .unwrap_err();
+        let status = failed_check(addr).await;
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert_eq!(status.message(), CONNECTION_LOST, "{status:?}");
         assert_eq!(taken.load(Ordering::Relaxed), 1, "sent once only");
@@ -301,14 +294,20 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
+        let status = failed_check(addr).await;
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+
+    /// The status of one Health/Check to `addr` through [`ResendUnsent`],
+    /// which must fail.
+    async fn failed_check(addr: SocketAddr) -> Status {
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
         let mut client = HealthClient::new(ResendUnsent::new(channel));
-        let status = client
+        client
             .check(HealthCheckRequest::default())
             .await
-            .unwrap_err();
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            .unwrap_err()
     }
 }
