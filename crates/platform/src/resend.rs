@@ -114,19 +114,18 @@ fn copy(parts: &http::request::Parts, message: &Bytes) -> http::Request<Body> {
 /// opened after it. Calls the server did take end otherwise (answered, or
 /// a broken pipe if it dies), and are not sent again.
 fn unprocessed(error: &tonic::transport::Error) -> bool {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
-    while let Some(error) = source {
-        if let Some(hyper) = error.downcast_ref::<hyper::Error>()
-            && hyper.is_canceled()
-        {
-            return true;
-        }
-        if let Some(h2) = error.downcast_ref::<h2::Error>() {
-            return h2.is_go_away() && h2.is_remote();
-        }
-        source = error.source();
-    }
-    false
+    causes(error)
+        .find_map(|cause| {
+            if cause
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+            {
+                return Some(true);
+            }
+            let h2 = cause.downcast_ref::<h2::Error>()?;
+            Some(h2.is_go_away() && h2.is_remote())
+        })
+        .unwrap_or(false)
 }
 
 /// A transport failure as the status tonic's clients would report (a
@@ -153,17 +152,23 @@ const CONNECTION_LOST: &str = "the connection was lost before the service answer
 /// Whether the call failed on an I/O error of its connection (closed or
 /// reset by the other end).
 fn lost_connection(error: &tonic::transport::Error) -> bool {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
-    while let Some(error) = source {
-        if error.is::<std::io::Error>() {
-            return true;
-        }
-        if let Some(h2) = error.downcast_ref::<h2::Error>() {
-            return h2.is_io();
-        }
-        source = error.source();
-    }
-    false
+    causes(error)
+        .find_map(|cause| {
+            if cause.is::<std::io::Error>() {
+                return Some(true);
+            }
+            cause.downcast_ref::<h2::Error>().map(h2::Error::is_io)
+        })
+        .unwrap_or(false)
+}
+
+/// `error` and the errors under it, outermost first; the first h2 error
+/// met decides both questions above, since the layers below it are h2's.
+fn causes<'a>(
+    error: &'a tonic::transport::Error,
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    let outermost: &'a (dyn StdError + 'static) = error;
+    std::iter::successors(Some(outermost), |&cause| cause.source())
 }
 
 #[cfg(test)]
