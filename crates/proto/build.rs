@@ -2,7 +2,9 @@
 //! tonic/prost code plus the encoded FileDescriptorSet that reflection and the
 //! gateway read.
 
-use std::{env, fs, path::PathBuf};
+use std::{env, fmt::Write, fs, path::PathBuf};
+
+use prost_types::{FileDescriptorSet, method_options::IdempotencyLevel};
 
 const CONTRACTS: &[&str] = &[
     "flashmesh/auth/v1/auth.proto",
@@ -26,9 +28,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         compiler.encode_file_descriptor_set(),
     )?;
 
+    fs::write(
+        out_dir.join("idempotent_methods.rs"),
+        idempotent_methods(&descriptors),
+    )?;
+
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;
     Ok(())
+}
+
+/// The call paths of every method whose contract declares it `IDEMPOTENT` or
+/// `NO_SIDE_EFFECTS`, as a Rust constant.
+fn idempotent_methods(descriptors: &FileDescriptorSet) -> String {
+    let mut paths = String::new();
+    for file in &descriptors.file {
+        for service in &file.service {
+            for method in &service.method {
+                let level = method
+                    .options
+                    .as_ref()
+                    .map_or(IdempotencyLevel::IdempotencyUnknown, |o| {
+                        o.idempotency_level()
+                    });
+                if level != IdempotencyLevel::IdempotencyUnknown {
+                    let _ = writeln!(
+                        paths,
+                        "    \"/{}.{}/{}\",",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    );
+                }
+            }
+        }
+    }
+    format!("const IDEMPOTENT_METHODS: &[&str] = &[\n{paths}];\n")
 }

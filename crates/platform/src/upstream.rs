@@ -31,7 +31,7 @@ use tower::util::BoxCloneSyncService;
 use crate::{
     config::Transport,
     http1json::{JsonChannel, Targets},
-    resend::ResendUnsent,
+    resend::ResendWhenSafe,
 };
 
 /// A client channel of either transport: gRPC requests in, gRPC answers out.
@@ -152,7 +152,7 @@ pub async fn balanced_channel(
         Transport::Grpc => {
             let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
             (
-                UpstreamChannel::new(ResendUnsent::new(channel)),
+                UpstreamChannel::new(ResendWhenSafe::new(channel)),
                 Sink::Grpc(changes),
             )
         }
@@ -191,7 +191,7 @@ pub fn lazy_channel(
                 url: url.to_owned(),
                 reason: e.to_string(),
             })?;
-            UpstreamChannel::new(ResendUnsent::new(
+            UpstreamChannel::new(ResendWhenSafe::new(
                 configure(endpoint, settings).connect_lazy(),
             ))
         }
