@@ -21,7 +21,7 @@ use axum::{
 };
 use flashmesh_platform::{
     metrics::{CONTENT_TYPE, RequestFamilies, RouteMetrics},
-    telemetry::{self, Attribute, Kind, RequestId, Telemetry},
+    telemetry::{Attribute, Kind, Telemetry},
 };
 use futures::future::{BoxFuture, Either};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -149,14 +149,8 @@ impl Shared {
 
     /// The edge span (or the unsampled decision).
     fn context(&self, edge: &Edge, request: &Request) -> Option<Context> {
-        let request_id = request
-            .headers()
-            .get(telemetry::X_REQUEST_ID)
-            .cloned()
-            .map(RequestId);
-        let cx = if self.telemetry.tracing() {
-            let parent = telemetry::extract(request.headers());
-            self.telemetry.start(&parent, &edge.name, Kind::Server, || {
+        self.telemetry
+            .start_request(request.headers(), &edge.name, Kind::Server, || {
                 // Room for the status code set at the end.
                 let mut attributes = Vec::with_capacity(4);
                 attributes.extend([
@@ -166,15 +160,6 @@ impl Shared {
                 ]);
                 attributes
             })
-        } else {
-            None
-        };
-        match (cx, request_id) {
-            (Some(cx), Some(id)) => Some(cx.with_value(id)),
-            (Some(cx), None) => Some(cx),
-            (None, Some(id)) => Some(Context::new().with_value(id)),
-            (None, None) => None,
-        }
     }
 }
 

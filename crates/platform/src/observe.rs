@@ -26,7 +26,7 @@ use tower::{BoxError, Layer, Service};
 use crate::{
     error::code_name,
     metrics::{RequestFamilies, RouteMetrics},
-    telemetry::{self, RequestId, Telemetry},
+    telemetry::{self, Telemetry},
 };
 
 /// Every gRPC status code, by number.
@@ -115,29 +115,17 @@ pub struct ServerObserve<S> {
 
 impl Shared {
     fn context(&self, rpc: &Rpc, headers: &HeaderMap) -> Option<Context> {
-        let request_id = headers.get(telemetry::X_REQUEST_ID).cloned().map(RequestId);
-        let cx = if self.telemetry.tracing() {
-            let parent = telemetry::extract(headers);
-            self.telemetry
-                .start(&parent, &rpc.name, SpanKind::Server, || {
-                    // Room for the status code set at the end.
-                    let mut attributes = Vec::with_capacity(4);
-                    attributes.extend([
-                        KeyValue::new("rpc.system", "grpc"),
-                        KeyValue::new("rpc.service", rpc.service.clone()),
-                        KeyValue::new("rpc.method", rpc.method.clone()),
-                    ]);
-                    attributes
-                })
-        } else {
-            None
-        };
-        match (cx, request_id) {
-            (Some(cx), Some(id)) => Some(cx.with_value(id)),
-            (Some(cx), None) => Some(cx),
-            (None, Some(id)) => Some(Context::new().with_value(id)),
-            (None, None) => None,
-        }
+        self.telemetry
+            .start_request(headers, &rpc.name, SpanKind::Server, || {
+                // Room for the status code set at the end.
+                let mut attributes = Vec::with_capacity(4);
+                attributes.extend([
+                    KeyValue::new("rpc.system", "grpc"),
+                    KeyValue::new("rpc.service", rpc.service.clone()),
+                    KeyValue::new("rpc.method", rpc.method.clone()),
+                ]);
+                attributes
+            })
     }
 }
 

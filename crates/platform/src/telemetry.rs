@@ -451,6 +451,30 @@ impl Telemetry {
         )
     }
 
+    /// The context a received request runs in: a [`Telemetry::start`] span
+    /// under the trace context the caller sent in `headers`, carrying the
+    /// caller's `x-request-id` for log lines; `None` when there is neither.
+    pub fn start_request(
+        &self,
+        headers: &HeaderMap,
+        name: &str,
+        kind: SpanKind,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Context> {
+        let request_id = headers.get(X_REQUEST_ID).cloned().map(RequestId);
+        let cx = if self.tracing() {
+            self.start(&extract(headers), name, kind, attributes)
+        } else {
+            None
+        };
+        match (cx, request_id) {
+            (Some(cx), Some(id)) => Some(cx.with_value(id)),
+            (Some(cx), None) => Some(cx),
+            (None, Some(id)) => Some(Context::new().with_value(id)),
+            (None, None) => None,
+        }
+    }
+
     /// A consumer's root span for an event caused by the request whose span
     /// context `cause` is: a new trace *linked* to that request, kept when
     /// the request was (a consumer follows its cause's decision), or by the
