@@ -19,7 +19,9 @@
 //! idempotency key, ReserveStock under its reservation id, reads), since
 //! taking it twice then does no harm. Any other call fails as UNAVAILABLE,
 //! as gRPC reports a connection lost mid-call, rather than as tonic's
-//! UNKNOWN, which the gateway would have to answer with a 500.
+//! UNKNOWN, which the gateway would have to answer with a 500; so does a
+//! call whose answer had begun when its connection broke (never sent again:
+//! the service took it).
 
 use std::{
     error::Error as StdError,
@@ -110,7 +112,14 @@ where
                 sends += 1;
                 ready.ready().await.map_err(status)?;
             }
-            answer => return answer.map_err(status),
+            answer => {
+                // An answer cut off by a lost connection is reported so too.
+                return answer
+                    .map(|response| {
+                        response.map(|body| Body::new(body.map_err(lost_to_unavailable)))
+                    })
+                    .map_err(status);
+            }
         }
     }
 }
@@ -150,26 +159,30 @@ fn unprocessed(error: &tonic::transport::Error) -> bool {
 /// refused connection is UNAVAILABLE, an HTTP/2 reset by its reason),
 /// except that a call still unprocessed after every try is UNAVAILABLE too,
 /// never CANCELLED (nobody cancelled it) or INTERNAL (nothing went wrong but
-/// a closing connection), and so is a call whose connection broke before its
-/// answer came, which tonic leaves UNKNOWN.
+/// a closing connection); see [`lost_to_unavailable`] for the rest.
 fn status(error: tonic::transport::Error) -> Status {
     if unprocessed(&error) {
         return Status::unavailable(UNPROCESSED);
     }
-    let connection_lost = lost_connection(&error);
-    let status = Status::from_error(Box::new(error));
-    if status.code() == tonic::Code::Unknown && connection_lost {
+    lost_to_unavailable(Status::from_error(Box::new(error)))
+}
+
+/// A call whose connection broke before its answer was complete as
+/// UNAVAILABLE, as gRPC reports a connection lost mid-call, where tonic
+/// leaves it UNKNOWN.
+fn lost_to_unavailable(status: Status) -> Status {
+    if status.code() == tonic::Code::Unknown && lost_connection(&status) {
         return Status::unavailable(CONNECTION_LOST);
     }
     status
 }
 
 const UNPROCESSED: &str = "the connection closed before the service took the call";
-const CONNECTION_LOST: &str = "the connection was lost before the service answered";
+const CONNECTION_LOST: &str = "the connection was lost before the answer was complete";
 
 /// Whether the call failed on an I/O error of its connection (closed or
 /// reset by the other end).
-fn lost_connection(error: &tonic::transport::Error) -> bool {
+fn lost_connection(error: &(dyn StdError + 'static)) -> bool {
     causes(error)
         .find_map(|cause| {
             if cause.is::<std::io::Error>() {
@@ -183,10 +196,9 @@ fn lost_connection(error: &tonic::transport::Error) -> bool {
 /// `error` and the errors under it, outermost first; the first h2 error
 /// met decides both questions above, since the layers below it are h2's.
 fn causes<'a>(
-    error: &'a tonic::transport::Error,
+    error: &'a (dyn StdError + 'static),
 ) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
-    let outermost: &'a (dyn StdError + 'static) = error;
-    std::iter::successors(Some(outermost), |&cause| cause.source())
+    std::iter::successors(Some(error), |&cause| cause.source())
 }
 
 #[cfg(test)]
@@ -275,14 +287,34 @@ mod tests {
         )
         .await;
         assert!(answered > 1_000, "only {answered} calls answered");
-        assert!(failures.is_empty(), "{failures:?}");
+        // What remains: now and then the server's graceful close (hyper's)
+        // cuts off an answer it has begun (one call of 20,000+ in 1 of 100
+        // runs with a core kept busy), which must be reported as the
+        // connection lost.
+        let cut = failures
+            .iter()
+            .filter(|s| s.code() == tonic::Code::Unavailable && s.message() == CONNECTION_LOST);
+        assert_eq!(cut.count(), failures.len(), "{failures:?}");
+        assert!(
+            failures.len() as u64 * 1_000 < answered,
+            "{} of {answered} calls failed",
+            failures.len()
+        );
+    }
+
+    /// Where [`breaking_server`] closes a connection under a call.
+    #[derive(Clone, Copy)]
+    enum Cut {
+        /// Before any answer: the call may have been processed.
+        BeforeAnswer,
+        /// After the answer's headers, before its message.
+        MidAnswer,
     }
 
     /// A server that takes each call and closes the connection under the
-    /// first `breaks` of them without answering (it may have processed
-    /// them), then answers the rest SERVING: the address and the count of
-    /// calls taken.
-    async fn breaking_server(breaks: u64) -> (SocketAddr, Arc<AtomicU64>) {
+    /// first `breaks` of them where `cut` says, then answers the rest
+    /// SERVING: the address and the count of calls taken.
+    async fn breaking_server(breaks: u64, cut: Cut) -> (SocketAddr, Arc<AtomicU64>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let taken = Arc::new(AtomicU64::new(0));
@@ -293,19 +325,28 @@ mod tests {
                 tokio::spawn(async move {
                     let mut connection = h2::server::handshake(socket).await.unwrap();
                     while let Some(Ok((_, mut respond))) = connection.accept().await {
+                        let head = || {
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .unwrap()
+                        };
                         if count.fetch_add(1, Ordering::Relaxed) < breaks {
-                            // The connection goes; the call's handle stays,
+                            let mut body = None;
+                            if let Cut::MidAnswer = cut {
+                                body = Some(respond.send_response(head(), false).unwrap());
+                                // Polling the connection sends the headers.
+                                let sent = Duration::from_millis(200);
+                                let _ = tokio::time::timeout(sent, connection.accept()).await;
+                            }
+                            // The connection goes; the call's handles stay,
                             // so that no reset of the stream is sent.
                             drop(connection);
                             tokio::time::sleep(Duration::from_secs(5)).await;
-                            drop(respond);
+                            drop((respond, body));
                             return;
                         }
-                        let head = http::Response::builder()
-                            .header("content-type", "application/grpc")
-                            .body(())
-                            .unwrap();
-                        let mut body = respond.send_response(head, false).unwrap();
+                        let mut body = respond.send_response(head(), false).unwrap();
                         let message = HealthCheckResponse {
                             status: ServingStatus::Serving as i32,
                         }
@@ -327,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_whose_connection_breaks_is_unavailable_and_not_sent_again() {
-        let (addr, taken) = breaking_server(1).await;
+        let (addr, taken) = breaking_server(1, Cut::BeforeAnswer).await;
         let status = check(addr, ResendWhenSafe::new).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert_eq!(status.message(), CONNECTION_LOST, "{status:?}");
@@ -336,14 +377,28 @@ mod tests {
 
     #[tokio::test]
     async fn an_idempotent_call_whose_connection_breaks_is_sent_again() {
-        let (addr, taken) = breaking_server(2).await;
-        let idempotent = |inner| ResendWhenSafe {
-            inner,
-            idempotent: |path| path == "/grpc.health.v1.Health/Check",
-        };
-        let answer = check(addr, idempotent).await.unwrap();
+        let (addr, taken) = breaking_server(2, Cut::BeforeAnswer).await;
+        let answer = check(addr, checks_idempotent).await.unwrap();
         assert_eq!(answer.status, ServingStatus::Serving as i32);
         assert_eq!(taken.load(Ordering::Relaxed), 3, "sent three times");
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_off_is_unavailable_and_not_sent_again() {
+        // Even an idempotent call: its answer was on its way.
+        let (addr, taken) = breaking_server(1, Cut::MidAnswer).await;
+        let status = check(addr, checks_idempotent).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), CONNECTION_LOST, "{status:?}");
+        assert_eq!(taken.load(Ordering::Relaxed), 1, "sent once only");
+    }
+
+    /// Resends with Health/Check declared idempotent.
+    fn checks_idempotent(inner: Channel) -> ResendWhenSafe<Channel> {
+        ResendWhenSafe {
+            inner,
+            idempotent: |path| path == "/grpc.health.v1.Health/Check",
+        }
     }
 
     #[tokio::test]
