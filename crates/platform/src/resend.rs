@@ -113,7 +113,7 @@ where
                 ready.ready().await.map_err(status)?;
             }
             answer => {
-                // An answer cut off by a lost connection is reported so too.
+                // An answer cut off by a lost connection is UNAVAILABLE as well.
                 return answer
                     .map(|response| {
                         response.map(|body| Body::new(body.map_err(lost_to_unavailable)))
